@@ -1,0 +1,149 @@
+"""Configurations of the stochastic heads and their loss (SPEC sections 3 and 4).
+
+These dataclasses are the one description of a method that the CLI, the
+trainer, the predictor, the study grid and the report share. ``HeadConfig.tag``
+names a fine-tuning run in the manifest and in the workdir.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from mobseg.errors import ConfigurationError, UnknownNameError
+
+#: The five methods, in the order of the paper's tables.
+METHOD_NAMES: tuple[str, ...] = ("deterministic", "diagonal", "lowrank", "single-basis", "mob")
+
+#: Display names used in tables and figures.
+METHOD_LABELS: dict[str, str] = {
+    "deterministic": "Deterministic",
+    "diagonal": "Diagonal",
+    "lowrank": "Diagonal + Low-rank",
+    "single-basis": "Single-Basis",
+    "mob": "Mixture-of-Bases",
+}
+
+NOISE_MODES: tuple[str, ...] = ("voxel", "block", "global")
+MIXING_MODES: tuple[str, ...] = ("soft", "hard")
+MC_LOSSES: tuple[str, ...] = ("mean", "logsumexp")
+
+
+def check_method(name: str) -> str:
+    """Return ``name`` if it is a method, else raise UnknownNameError."""
+    if name not in METHOD_NAMES:
+        raise UnknownNameError("method", name, METHOD_NAMES)
+    return name
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """What a stochastic head is.
+
+    Attributes:
+        method: One of :data:`METHOD_NAMES`.
+        num_classes: C, classes including background.
+        rank: R, columns of the low-rank factor / of each basis.
+        bases: M, number of bases (mob only).
+        partitions: P, blocks per spatial axis (mob only).
+        noise: ``voxel`` (default), ``block`` (mob, single-basis) or
+            ``global`` (single-basis only): how z2 is shared.
+        mixing: ``soft`` (weighted sum of bases) or ``hard`` (argmax basis with
+            straight-through gradients), mob only.
+        temperature: tau of the weighting softmax (mob only).
+        eps: floor added to softplus for every variance.
+    """
+
+    method: str
+    num_classes: int = 2
+    rank: int = 16
+    bases: int = 3
+    partitions: int = 4
+    noise: str = "voxel"
+    mixing: str = "soft"
+    temperature: float = 0.3
+    eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        if self.noise not in NOISE_MODES:
+            raise UnknownNameError("noise mode", self.noise, NOISE_MODES)
+        if self.mixing not in MIXING_MODES:
+            raise UnknownNameError("mixing mode", self.mixing, MIXING_MODES)
+        if self.num_classes < 2:
+            raise ConfigurationError(f"num_classes must be >= 2, got {self.num_classes}.")
+        for name in ("rank", "bases", "partitions"):
+            if getattr(self, name) < 1:
+                raise ConfigurationError(f"--{name} must be >= 1, got {getattr(self, name)}.")
+        if self.temperature <= 0:
+            raise ConfigurationError(f"temperature must be > 0, got {self.temperature}.")
+        if self.noise != "voxel" and self.method not in ("single-basis", "mob"):
+            raise ConfigurationError(
+                f"--noise {self.noise} applies to single-basis and mob only, not {self.method}."
+            )
+        if self.noise == "global" and self.method != "single-basis":
+            raise ConfigurationError("--noise global applies to single-basis only.")
+
+    @property
+    def stochastic(self) -> bool:
+        return self.method != "deterministic"
+
+    def tag(self) -> str:
+        """Short run name, e.g. ``mob-b3-r16``; non-default options are appended."""
+        m = self.method
+        if m in ("deterministic", "diagonal"):
+            tag = m
+        elif m in ("lowrank", "single-basis"):
+            tag = f"{m}-r{self.rank}"
+        else:
+            tag = f"mob-b{self.bases}-r{self.rank}"
+            if self.partitions != 4:
+                tag += f"-p{self.partitions}"
+            if self.mixing != "soft":
+                tag += f"-{self.mixing}"
+            if self.temperature != 0.3:
+                tag += f"-t{self.temperature:g}"
+        if self.noise != "voxel":
+            tag += f"-{self.noise}"
+        if self.num_classes != 2:
+            tag += f"-c{self.num_classes}"
+        return tag
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Weights and options of the fine-tuning loss (SPEC section 4).
+
+    Attributes:
+        samples: k, Monte-Carlo samples of the logits per step.
+        mc_loss: ``mean`` (average of the k CE+Dice terms, the paper) or
+            ``logsumexp`` (the SSN objective on the CE).
+        antithetic: draw antithetic pairs (logsumexp objective).
+        lambda_ce, lambda_dice: weights of CE and soft Dice per sample.
+        lambda_kl: weight of KL(N(mu, I) || N(mu, diag(D))).
+        lambda_orth: weight of the orthogonality of the bases (mob, M >= 2).
+        lambda_w: weight of the weights' negative entropy (mob).
+    """
+
+    samples: int = 5
+    mc_loss: str = "mean"
+    antithetic: bool = False
+    lambda_ce: float = 1.0
+    lambda_dice: float = 1.0
+    lambda_kl: float = 5e-4
+    lambda_orth: float = 1.0
+    lambda_w: float = 0.05
+
+    def __post_init__(self) -> None:
+        if self.mc_loss not in MC_LOSSES:
+            raise UnknownNameError("Monte-Carlo loss", self.mc_loss, MC_LOSSES)
+        if self.samples < 1:
+            raise ConfigurationError(f"--samples must be >= 1, got {self.samples}.")
+        if self.antithetic and self.samples % 2:
+            raise ConfigurationError("Antithetic sampling needs an even --samples.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
