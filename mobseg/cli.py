@@ -358,32 +358,409 @@ def report(
     _print_record(guarded(lambda: stage.run(workspace(), stage.ReportParams(out_dir, case))))
 
 
+# Study, demo and status (mobseg.study) -----------------------------------------------
+StudyJobsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--jobs",
+        "-j",
+        help="local: jobs at once in worker processes, each pinned to its own GPU when "
+        "several exist (default 1: in this process). slurm: most jobs submitted at once "
+        "(default: no limit).",
+    ),
+]
+
+
+def _render_plan(plan: Any, records: Any, title: str) -> None:
+    from mobseg.study import views
+
+    out.print(views.stage_table(plan, records, title=title))
+    grid = views.grid_table(plan, records, title="Runs per method and organ")
+    if grid is not None:
+        out.print(grid)
+
+
+def _render_result(result: Any, command: str) -> None:
+    """Summary, failure list and exit status of a study run."""
+    from mobseg.study import views
+    from mobseg.study.runner import format_duration
+
+    ran = len(result.succeeded) + len(result.failed)
+    out.print(
+        f"{result.total} jobs: {len(result.already_done)} already done, {ran} ran "
+        f"({len(result.succeeded)} ok, {len(result.failed)} failed), "
+        f"{len(result.skipped)} skipped after a failure, in {format_duration(result.seconds)}.",
+        highlight=False,
+    )
+    table = views.failure_table(result)
+    if table is not None:
+        out.print(table)
+    if result.interrupted:
+        err.print(
+            f"Interrupted. Finished stages are kept; run `{command}` again to continue.",
+            highlight=False,
+        )
+        if result.left_on_cluster:
+            err.print(
+                f"{len(result.left_on_cluster)} Slurm job(s) are still queued or running "
+                f"({', '.join(result.left_on_cluster[:8])}"
+                f"{' ...' if len(result.left_on_cluster) > 8 else ''}); the rerun attaches "
+                "to them (or cancel them with scancel).",
+                highlight=False,
+            )
+        raise typer.Exit(130)
+    if not result.ok:
+        what = []
+        if result.failed:
+            what.append(f"{len(result.failed)} job(s) failed")
+        if result.skipped:
+            what.append(f"{len(result.skipped)} were skipped")
+        if result.not_started:
+            what.append(f"{len(result.not_started)} could not start")
+        err.print(
+            f"[bold red]Error:[/] {', '.join(what)}. Fix the cause (see the errors and logs "
+            f"above), then run `{command}` again: finished jobs are not redone.",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(1)
+
+
 @app.command()
-def status() -> None:
-    """Show the manifest: every stage run, its status and when it finished."""
+def study(
+    organs: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--organs",
+            help="Organs, repeated or comma-separated. Default: pancreas, gallbladder, "
+            "duodenum, adrenal_gland_left.",
+        ),
+    ] = None,
+    methods: Annotated[
+        list[str] | None,
+        typer.Option("--methods", help="Methods, repeated or comma-separated. Default: all five."),
+    ] = None,
+    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per configuration (0..N-1).")] = 5,
+    bases_ablation: Annotated[
+        str,
+        typer.Option(
+            "--bases-ablation",
+            help="Values of M for the mob ablation on --ablation-organ: 1..5, 1,2,4 or none.",
+        ),
+    ] = "1..5",
+    ablation_organ: Annotated[
+        str, typer.Option("--ablation-organ", help="Organ of the bases ablation.")
+    ] = "pancreas",
+    backbone: Annotated[
+        bool,
+        typer.Option(
+            "--backbone/--no-backbone",
+            help="Predict and evaluate the pretrained backbone (the paper's Deterministic row).",
+        ),
+    ] = True,
+    preset: PresetOpt = "paper",
+    source: Annotated[
+        str, typer.Option("--source", help="Data of prepare: zenodo, phantom, DIR or ZIP.")
+    ] = "zenodo",
+    subset: Annotated[str, typer.Option(help="full or small (zenodo only).")] = "full",
+    num_cases: Annotated[int | None, typer.Option(help="Phantom cases.")] = None,
+    size: Annotated[int | None, typer.Option(help="Phantom edge length (voxels).")] = None,
+    device: DeviceOpt = "auto",
+    pretrain_epochs: Annotated[
+        int | None, typer.Option(help="Override the preset's backbone epochs.")
+    ] = None,
+    num_gpus: Annotated[
+        int, typer.Option(help="GPUs of each pretraining (passed to nnU-Net's DDP).")
+    ] = 1,
+    epochs: Annotated[
+        int | None, typer.Option(help="Override the preset's fine-tuning epochs.")
+    ] = None,
+    iterations: Annotated[
+        int | None, typer.Option(help="Override the preset's fine-tuning iterations per epoch.")
+    ] = None,
+    train_samples: Annotated[int, typer.Option(help="k, logit samples per training step.")] = 5,
+    samples: Annotated[int, typer.Option(help="k, logit samples per tile at prediction.")] = 30,
+    rank: RankOpt = 16,
+    bases: BasesOpt = 3,
+    partitions: PartOpt = 4,
+    executor: Annotated[
+        str,
+        typer.Option(
+            "--executor",
+            "-x",
+            help="local (this machine), slurm (submitit job arrays), or submitit-local "
+            "(submitit's local subprocesses, to try the cluster path on one machine).",
+        ),
+    ] = "local",
+    jobs: StudyJobsOpt = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the plan (done / remaining) and stop.")
+    ] = False,
+    partition: Annotated[
+        str | None, typer.Option(help="Slurm partition.", rich_help_panel="Slurm")
+    ] = None,
+    gpus_per_job: Annotated[
+        int,
+        typer.Option(
+            help="GPUs of a finetune/predict job (pretrain asks for --num-gpus); 0 = CPU nodes.",
+            rich_help_panel="Slurm",
+        ),
+    ] = 1,
+    cpus_per_job: Annotated[int, typer.Option(help="CPUs per job.", rich_help_panel="Slurm")] = 8,
+    mem_gb: Annotated[
+        float | None, typer.Option(help="Memory per job (GB).", rich_help_panel="Slurm")
+    ] = None,
+    time_min: Annotated[
+        int, typer.Option(help="Time limit of a job (minutes).", rich_help_panel="Slurm")
+    ] = 24 * 60,
+    pretrain_time_min: Annotated[
+        int,
+        typer.Option(help="Time limit of a pretraining job (minutes).", rich_help_panel="Slurm"),
+    ] = 72 * 60,
+    array_parallelism: Annotated[
+        int, typer.Option(help="Most tasks of one job array at once.", rich_help_panel="Slurm")
+    ] = 64,
+    retries: Annotated[
+        int,
+        typer.Option(
+            help="Resubmissions of a job that died without a result (time limit, node "
+            "failure, preemption).",
+            rich_help_panel="Slurm",
+        ),
+    ] = 1,
+    poll: Annotated[
+        float, typer.Option(help="Seconds between job status polls.", rich_help_panel="Slurm")
+    ] = 30.0,
+    setup: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Shell line run before each job, e.g. 'module load cuda' (repeatable).",
+            rich_help_panel="Slurm",
+        ),
+    ] = None,
+    slurm_arg: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="Extra sbatch option KEY=VALUE, e.g. account=abc or qos=high (repeatable).",
+            rich_help_panel="Slurm",
+        ),
+    ] = None,
+    logs: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of job logs (default <workdir>/study/logs).", rich_help_panel="Slurm"
+        ),
+    ] = None,
+) -> None:
+    """Run the whole grid: organs x methods x seeds, the bases ablation, backbone, report.
+
+    Expands the grid into stage jobs (prepare -> pretrain -> finetune -> predict ->
+    evaluate -> report), skips what the manifest says is done, goes on past a
+    failed job (its dependents are skipped) and lists failures at the end. Safe
+    to interrupt and rerun. Defaults are the paper's grid (377 jobs).
+    """
+    from mobseg.study import executors as ex
+    from mobseg.study import grid
+
+    def build() -> tuple[Any, Any]:
+        extra: dict[str, str] = {}
+        for item in slurm_arg or []:
+            k, sep, v = item.partition("=")
+            if not sep or not k.strip():
+                from mobseg.errors import ConfigurationError
+
+                raise ConfigurationError(
+                    f"--slurm-arg {item!r} is not KEY=VALUE.", "Write e.g. --slurm-arg account=abc."
+                )
+            extra[k.strip().lstrip("-")] = v.strip()
+        spec = grid.StudySpec(
+            organs=grid.resolve_organs(organs),
+            methods=grid.resolve_methods(methods),
+            seeds=seeds,
+            ablation_bases=grid.parse_bases(bases_ablation),
+            ablation_organ=_organ(ablation_organ),
+            backbone=backbone,
+            preset=preset,
+            device=device,
+            source=source,
+            subset=subset,
+            num_cases=num_cases,
+            size=size,
+            pretrain_epochs=pretrain_epochs,
+            num_gpus=num_gpus,
+            epochs=epochs,
+            iterations=iterations,
+            train_samples=train_samples,
+            samples=samples,
+            rank=rank,
+            bases=bases,
+            partitions=partitions,
+        )
+        options = ex.ClusterOptions(
+            partition=partition,
+            gpus=gpus_per_job,
+            cpus=cpus_per_job,
+            mem_gb=mem_gb,
+            time_min=time_min,
+            pretrain_time_min=pretrain_time_min,
+            array_parallelism=array_parallelism,
+            retries=retries,
+            poll_s=poll,
+            setup=tuple(setup or ()),
+            extra=extra,
+        )
+        return spec, options
+
+    spec, options = guarded(build)
+    _run_study(spec, options, executor, jobs, logs, dry_run, command="mobseg study ...")
+
+
+def _run_study(
+    spec: Any,
+    options: Any,
+    executor: str,
+    jobs: int | None,
+    logs: Path | None,
+    dry_run: bool,
+    command: str,
+) -> Any:
+    """Plan (and unless ``dry_run`` run) ``spec``; returns the StudyResult or None."""
+    from mobseg.manifest import Manifest
+    from mobseg.study import executors as ex
+    from mobseg.study import grid
+    from mobseg.study.runner import run_plan
+
+    ws = workspace()
+    plan = guarded(lambda: grid.expand(spec))
+    records = guarded(lambda: Manifest(ws.manifest_path).records())
+    if dry_run:
+        _render_plan(plan, records, title=f"Plan of the study in {ws.root} (dry run)")
+        if state.verbosity >= 2:
+            for job in plan:
+                rec = records.get(job.key)
+                if rec is None or not rec.done:
+                    out.print(f"  {job.key}  [dim]after {', '.join(job.deps) or '-'}[/]")
+        return None
+    runner = guarded(lambda: ex.make_executor(executor, ws.root, jobs, options, logs))
+    grid.save_spec(ws.root, spec)
+    if state.verbosity:
+        _render_plan(plan, records, title=f"Study in {ws.root}")
+    result = guarded(lambda: run_plan(ws, plan, runner))
+    _render_result(result, command)
+    return result
+
+
+@app.command()
+def demo(
+    example: Annotated[
+        Path | None,
+        typer.Option(
+            "--example",
+            help="Real CT to predict at the end: a CT file, a case folder or a "
+            "TotalSegmentator-style folder. Default ../shared/data/totalseg_example, "
+            "skipped with a note when absent.",
+        ),
+    ] = None,
+    jobs: StudyJobsOpt = None,
+    seeds: Annotated[int, typer.Option(help="Seeds per method.")] = 2,
+    cases: Annotated[int | None, typer.Option(help="Phantom cases (default 32).")] = None,
+    size: Annotated[int | None, typer.Option(help="Phantom edge length (default 64).")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan and stop.")] = False,
+) -> None:
+    """The built-in study on a laptop: the phantom at the cpu preset, all five methods.
+
+    Prepare the synthetic phantom (pancreas), pretrain the backbone, fine-tune
+    the five methods (mob with 3 bases) for 2 seeds, predict and evaluate every
+    run and the backbone, write the report, predict the real example CT, and
+    print the report's path. Resumable: a rerun continues where it stopped.
+    """
+    from mobseg.study import demo as d
+
+    def build() -> Any:
+        ct, note = d.resolve_example(example)
+        if state.verbosity:
+            out.print(note, highlight=False)
+        return d.demo_spec(
+            workspace().root,
+            ct,
+            seeds=seeds,
+            num_cases=cases or d.DEMO_CASES,
+            size=size or d.DEMO_SIZE,
+        )
+
+    spec = guarded(build)
+    result = _run_study(spec, None, "local", jobs, None, dry_run, command="mobseg demo")
+    if result is None:
+        return
+    ws = workspace()
+    from mobseg.manifest import Manifest
+
+    rec = Manifest(ws.manifest_path).get("report")
+    outputs = (rec.outputs if rec is not None else {}) or {}
+    for extra in spec.extra_predictions:
+        out.print(f"Prediction of the real CT {extra.input}: {extra.out}", highlight=False)
+    report_path = outputs.get("html") or outputs.get("report") or outputs.get("markdown")
+    path = Path(report_path) if report_path else ws.report_dir
+    if not path.is_absolute():
+        path = ws.root / path
+    out.print(f"[bold green]Report:[/] {path}", highlight=False)
+
+
+@app.command()
+def status(
+    records_view: Annotated[
+        bool, typer.Option("--records", help="Every stage run as a table (the manifest).")
+    ] = False,
+) -> None:
+    """Show the study's progress: jobs per stage, and runs per method and organ.
+
+    The grid is the last `mobseg study` / `mobseg demo` of this workdir (or,
+    without one, what the manifest holds). `--records` lists every stage run.
+    """
     from mobseg.manifest import Manifest
 
     def go() -> None:
         ws = Workspace.from_option(state.workdir)
         records = Manifest(ws.manifest_path).records()
-        if not records:
-            out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")
+        if records_view:
+            if not records:
+                out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")
+                return
+            table = Table(title=f"mobseg manifest: {ws.manifest_path}")
+            for col in ("key", "status", "attempts", "started", "finished", "error"):
+                table.add_column(col, overflow="fold")
+            colours = {"done": "green", "running": "yellow", "failed": "red"}
+            for rec in records.values():
+                c = colours.get(rec.status, "white")
+                table.add_row(
+                    rec.key,
+                    f"[{c}]{rec.status}[/]",
+                    str(rec.attempts),
+                    rec.started,
+                    rec.finished or "-",
+                    rec.error or "",
+                )
+            out.print(table)
             return
-        table = Table(title=f"mobseg manifest: {ws.manifest_path}")
-        for col in ("key", "status", "attempts", "started", "finished", "error"):
-            table.add_column(col, overflow="fold")
-        colours = {"done": "green", "running": "yellow", "failed": "red"}
-        for rec in records.values():
-            c = colours.get(rec.status, "white")
-            table.add_row(
-                rec.key,
-                f"[{c}]{rec.status}[/]",
-                str(rec.attempts),
-                rec.started,
-                rec.finished or "-",
-                rec.error or "",
+        from mobseg.study import grid
+
+        spec = grid.load_spec(ws.root)
+        if spec is not None:
+            plan = grid.expand(spec)
+            title = f"Study in {ws.root}"
+        elif records:
+            plan = grid.plan_from_records(records)
+            title = f"Stage runs in {ws.root} (no study started here; --records for details)"
+        else:
+            out.print(
+                f"No stage has run in {ws.root} yet. Start with `mobseg demo`, "
+                "`mobseg study` or `mobseg prepare`."
             )
-        out.print(table)
+            return
+        _render_plan(plan, records, title=title)
+        failed = [r for r in records.values() if r.status == "failed"]
+        if failed:
+            out.print(f"[red]{len(failed)} failed[/] (errors: `mobseg status --records`).")
 
     guarded(go)
 

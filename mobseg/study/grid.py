@@ -1,0 +1,638 @@
+"""The study grid: organs x methods x seeds (+ the bases ablation) as a DAG of stage jobs.
+
+A :class:`StudySpec` says *what* to run; :func:`expand` turns it into a
+:class:`Plan`, an ordered mapping of manifest key -> :class:`Job`. Every job
+is one call ``mobseg.stages.<stage>.run(Workspace(root), params, force)``, so
+the manifest (file-locked, atomic writes) is the only state shared between
+worker processes and cluster nodes.
+
+Dependencies, per organ ``o``, tag ``t`` (``HeadConfig.tag()``) and seed ``s``::
+
+    prepare/o -> pretrain/o -> finetune/o/t/seed<s> -> predict/o/t/seed<s>
+                                                     -> evaluate/o/t/seed<s> -> report
+    pretrain/o -> predict/o/backbone/seed0 -> evaluate/o/backbone/seed0 -> report
+
+Counts of the paper grid (4 organs, 5 methods, seeds 0..4, ablation M = 1..5
+on pancreas). The ablation's M = 3 run *is* the main grid's ``mob-b3-r16``
+run, so it is counted once:
+
+============  =========================================  =====
+stage         derivation                                 jobs
+============  =========================================  =====
+prepare       one per organ                                  4
+pretrain      one per organ                                  4
+finetune      4 x 5 x 5 + (5 - 1) x 5 ablation runs        120
+predict       finetune runs + one backbone run per organ   124
+evaluate      one per predict run                          124
+report        once                                           1
+============  =========================================  =====
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from mobseg.core.config import METHOD_LABELS, METHOD_NAMES, HeadConfig, LossConfig, check_method
+from mobseg.data.structures import PAPER_ORGANS, resolve_organ
+from mobseg.errors import ConfigurationError
+from mobseg.manifest import StageRecord
+from mobseg.stages import keys
+
+#: Stages in the order they run.
+STAGES: tuple[str, ...] = ("prepare", "pretrain", "finetune", "predict", "evaluate", "report")
+
+#: Tag of the pretrained backbone's own predictions (the paper's "Deterministic" row).
+BACKBONE_TAG = "backbone"
+
+#: Status of a job as the study sees it.
+JOB_STATUSES: tuple[str, ...] = ("done", "running", "failed", "pending")
+
+
+@dataclass(frozen=True)
+class ExtraPrediction:
+    """A prediction on a CT outside the organ's test split (the demo's real CT).
+
+    Attributes:
+        input: A CT file or a folder of CTs.
+        out: Output folder of the prediction files.
+        method: The fine-tuned run to predict with (its method; bases etc. from the spec).
+        seed: Seed of that run.
+    """
+
+    input: Path
+    out: Path
+    method: str = "mob"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class StudySpec:
+    """What a study runs. Defaults are the paper's grid at the ``paper`` preset.
+
+    Attributes:
+        organs: Target structures (resolved names).
+        methods: Methods of :data:`mobseg.core.config.METHOD_NAMES`.
+        seeds: Number of seeds per configuration; seeds ``0 .. seeds-1``.
+        ablation_bases: Values of M for the ablation (mob only); empty = no ablation.
+        ablation_organ: The organ of the ablation (added to the grid's organs if missing).
+        backbone: Predict and evaluate the pretrained backbone (tag ``backbone``).
+        report: End with ``mobseg report``.
+        preset: ``paper`` or ``cpu`` (pretrain and finetune).
+        device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        source: Data source of ``prepare`` (``zenodo``, ``phantom``, a folder or zip).
+        subset: ``full`` or ``small`` (zenodo only).
+        split_seed: Seed of the splits (and of the phantom).
+        num_cases: Phantom cases (None = prepare's default).
+        size: Phantom edge length in voxels (None = prepare's default).
+        pretrain_epochs: Override the preset's backbone epochs.
+        num_gpus: GPUs of each pretraining (nnU-Net's own DDP).
+        epochs: Override the preset's fine-tuning epochs.
+        iterations: Override the preset's iterations per fine-tuning epoch.
+        train_samples: k, samples of the logits per training step.
+        rank: R of the low-rank factor and of the bases.
+        bases: M of the main grid's mob runs.
+        partitions: P, blocks per axis (mob).
+        samples: k, samples of the logits per tile at prediction.
+        extra_predictions: Predictions on CTs outside the test split (demo).
+    """
+
+    organs: tuple[str, ...] = PAPER_ORGANS
+    methods: tuple[str, ...] = METHOD_NAMES
+    seeds: int = 5
+    ablation_bases: tuple[int, ...] = (1, 2, 3, 4, 5)
+    ablation_organ: str = "pancreas"
+    backbone: bool = True
+    report: bool = True
+    preset: str = "paper"
+    device: str = "auto"
+    source: str = "zenodo"
+    subset: str = "full"
+    split_seed: int = 0
+    num_cases: int | None = None
+    size: int | None = None
+    pretrain_epochs: int | None = None
+    num_gpus: int = 1
+    epochs: int | None = None
+    iterations: int | None = None
+    train_samples: int = 5
+    rank: int = 16
+    bases: int = 3
+    partitions: int = 4
+    samples: int = 30
+    extra_predictions: tuple[ExtraPrediction, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.organs:
+            raise ConfigurationError("The study needs at least one organ (--organs).")
+        for m in self.methods:
+            check_method(m)
+        if not self.methods and not self.backbone:
+            raise ConfigurationError("The study needs at least one method (--methods).")
+        if self.seeds < 1:
+            raise ConfigurationError(f"--seeds must be >= 1, got {self.seeds}.")
+        if any(b < 1 for b in self.ablation_bases):
+            raise ConfigurationError(
+                f"Every M of --bases-ablation must be >= 1, got {list(self.ablation_bases)}."
+            )
+        if self.num_gpus < 1:
+            raise ConfigurationError(f"--num-gpus must be >= 1, got {self.num_gpus}.")
+        for extra in self.extra_predictions:
+            if extra.method != BACKBONE_TAG:
+                check_method(extra.method)
+
+    @property
+    def seed_list(self) -> tuple[int, ...]:
+        return tuple(range(self.seeds))
+
+    @property
+    def all_organs(self) -> tuple[str, ...]:
+        """The grid's organs, plus the ablation organ when there is an ablation."""
+        organs = list(self.organs)
+        if self.ablation_bases and self.ablation_organ not in organs:
+            organs.append(self.ablation_organ)
+        return tuple(organs)
+
+    def head(self, method: str, bases: int | None = None) -> HeadConfig:
+        """The head of ``method`` with the spec's R, M and P (``bases`` overrides M)."""
+        return HeadConfig(
+            method=method,
+            rank=self.rank,
+            bases=self.bases if bases is None else bases,
+            partitions=self.partitions,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["extra_predictions"] = [
+            {**asdict(e), "input": str(e.input), "out": str(e.out)} for e in self.extra_predictions
+        ]
+        return d
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> StudySpec:
+        known = {f.name for f in fields(cls)}
+        d = {k: v for k, v in data.items() if k in known}
+        for name in ("organs", "methods", "ablation_bases"):
+            if name in d:
+                d[name] = tuple(d[name])
+        if "extra_predictions" in d:
+            d["extra_predictions"] = tuple(
+                ExtraPrediction(
+                    input=Path(e["input"]),
+                    out=Path(e["out"]),
+                    method=e.get("method", "mob"),
+                    seed=int(e.get("seed", 0)),
+                )
+                for e in d["extra_predictions"]
+            )
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One stage run of the study.
+
+    Attributes:
+        stage: One of :data:`STAGES`.
+        key: Its manifest key (``finetune/pancreas/mob-b3-r16/seed0``).
+        params: The stage's ``*Params`` object (picklable).
+        deps: Keys of the jobs that must finish first.
+        runner: ``"module:function"`` called as ``function(ws, params, force=...)``;
+            empty = ``mobseg.stages.<stage>:run``. Tests point it at fake stages.
+        gpus: GPUs the job uses when the machine or the cluster has GPUs.
+        after_any: Run once every dependency has settled (done, failed or
+            skipped) and at least one is done, instead of needing all of them
+            (the report: a failed seed must not hide the other 119 runs).
+        refresh: Rerun (with ``force``) when a dependency ran in this study
+            invocation, even if the manifest says done (the report).
+        organ: Organ of the run, for the grid view (None for the report).
+        tag: Run tag, for the grid view (None for prepare, pretrain, report).
+        seed: Seed of the run, for the grid view.
+    """
+
+    stage: str
+    key: str
+    params: Any
+    deps: tuple[str, ...] = ()
+    runner: str = ""
+    gpus: int = 1
+    after_any: bool = False
+    refresh: bool = False
+    organ: str | None = None
+    tag: str | None = None
+    seed: int | None = None
+
+    @property
+    def target(self) -> str:
+        return self.runner or f"mobseg.stages.{self.stage}:run"
+
+    def describe(self) -> str:
+        return self.key
+
+
+@dataclass
+class Plan:
+    """The study's jobs by manifest key, in an order where dependencies come first."""
+
+    jobs: dict[str, Job] = field(default_factory=dict)
+
+    def add(self, job: Job) -> Job:
+        """Add ``job`` unless its key is already planned (shared runs are counted once)."""
+        if job.key in self.jobs:
+            return self.jobs[job.key]
+        missing = [d for d in job.deps if d not in self.jobs]
+        if missing:
+            raise ValueError(f"Job {job.key} depends on unplanned jobs {missing}.")
+        self.jobs[job.key] = job
+        return job
+
+    def __len__(self) -> int:
+        return len(self.jobs)
+
+    def __iter__(self) -> Iterator[Job]:
+        return iter(self.jobs.values())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.jobs
+
+    def __getitem__(self, key: str) -> Job:
+        return self.jobs[key]
+
+    def by_stage(self, stage: str) -> list[Job]:
+        return [j for j in self.jobs.values() if j.stage == stage]
+
+    def dependents(self) -> dict[str, list[str]]:
+        """Key -> keys of the jobs that depend on it directly."""
+        out: dict[str, list[str]] = {k: [] for k in self.jobs}
+        for job in self.jobs.values():
+            for d in job.deps:
+                out[d].append(job.key)
+        return out
+
+    def with_runner(self, runner: str) -> Plan:
+        """A copy whose every job calls ``runner`` (``"module:function"``) instead."""
+        return Plan({k: replace(j, runner=runner) for k, j in self.jobs.items()})
+
+    def status(self, records: Mapping[str, StageRecord]) -> dict[str, str]:
+        """Key -> ``done``, ``running``, ``failed`` or ``pending`` from manifest records."""
+        out: dict[str, str] = {}
+        for key in self.jobs:
+            rec = records.get(key)
+            out[key] = "pending" if rec is None else rec.status
+        return out
+
+    def stage_counts(self, records: Mapping[str, StageRecord]) -> list[dict[str, Any]]:
+        """Per stage: ``total``, ``done``, ``running``, ``failed``, ``remaining``.
+
+        ``remaining`` = total - done (what a run of the study would still do).
+        """
+        status = self.status(records)
+        rows = []
+        for stage in STAGES:
+            stage_keys = [j.key for j in self.by_stage(stage)]
+            if not stage_keys:
+                continue
+            c = Counter(status[k] for k in stage_keys)
+            rows.append(
+                {
+                    "stage": stage,
+                    "total": len(stage_keys),
+                    "done": c["done"],
+                    "running": c["running"],
+                    "failed": c["failed"],
+                    "remaining": len(stage_keys) - c["done"],
+                }
+            )
+        return rows
+
+    def run_cells(self, records: Mapping[str, StageRecord]) -> dict[tuple[str, str], Counter[str]]:
+        """(organ, tag) -> counts over seeds of ``done/running/failed/pending`` runs.
+
+        A run (organ, tag, seed) is its finetune, predict and evaluate jobs. It
+        is *done* when its last job is done, *failed* when any of its jobs
+        failed, *running* when any is running (or was interrupted), else *pending*.
+        """
+        status = self.status(records)
+        runs: dict[tuple[str, str, int], list[Job]] = {}
+        for job in self.jobs.values():
+            if job.stage not in ("finetune", "predict", "evaluate"):
+                continue
+            if job.organ is None or job.tag is None or job.seed is None:
+                continue  # e.g. a prediction on an outside CT: not a run of the grid
+            runs.setdefault((job.organ, job.tag, job.seed), []).append(job)
+        cells: dict[tuple[str, str], Counter[str]] = {}
+        for (organ, tag, _seed), jobs in runs.items():
+            cell = cells.setdefault((organ, tag), Counter())
+            cell[run_status([status[j.key] for j in jobs])] += 1
+        return cells
+
+
+def run_status(statuses: Iterable[str]) -> str:
+    """Status of a run from its stage statuses, ordered finetune, predict, evaluate."""
+    s = list(statuses)
+    if not s:
+        return "pending"
+    if "failed" in s:
+        return "failed"
+    if "running" in s:
+        return "running"
+    if s[-1] == "done":
+        return "done"
+    return "pending"
+
+
+# -- parsing --------------------------------------------------------------------------------
+def parse_bases(text: str | None) -> tuple[int, ...]:
+    """Parse ``--bases-ablation``: ``1..5``, ``1,2,4``, ``2..3,5`` or ``none``.
+
+    Raises:
+        ConfigurationError: the text is not of that form or a range is empty.
+    """
+    if text is None or text.strip().lower() in ("", "none", "no", "off"):
+        return ()
+    values: list[int] = []
+    for part in text.replace(" ", "").split(","):
+        m = re.fullmatch(r"(\d+)(?:(?:\.\.|-)(\d+))?", part)
+        if m is None:
+            raise ConfigurationError(
+                f"Cannot read --bases-ablation {text!r}.",
+                "Write a range like 1..5, a list like 1,2,4, or none.",
+            )
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ConfigurationError(f"The range {part!r} of --bases-ablation is empty.")
+        values.extend(range(lo, hi + 1))
+    return tuple(dict.fromkeys(values))
+
+
+def split_names(values: Iterable[str] | None) -> list[str]:
+    """Flatten repeated and comma-separated options: ``["a,b", "c"]`` -> ``[a, b, c]``."""
+    out: list[str] = []
+    for v in values or ():
+        out.extend(p.strip() for p in v.split(",") if p.strip())
+    return out
+
+
+def resolve_organs(values: Iterable[str] | None) -> tuple[str, ...]:
+    """Organ names (repeated or comma-separated), resolved; default the paper's four."""
+    names = split_names(values)
+    if not names:
+        return PAPER_ORGANS
+    return tuple(dict.fromkeys(resolve_organ(n) for n in names))
+
+
+def resolve_methods(values: Iterable[str] | None) -> tuple[str, ...]:
+    """Method names (repeated or comma-separated), checked; default all five."""
+    names = split_names(values)
+    if not names:
+        return METHOD_NAMES
+    return tuple(dict.fromkeys(check_method(n) for n in names))
+
+
+# -- expansion ------------------------------------------------------------------------------
+def _prepare_params(spec: StudySpec, organ: str) -> Any:
+    from mobseg.stages.prepare import PrepareParams
+
+    extra: dict[str, Any] = {}
+    if spec.num_cases is not None:
+        extra["num_cases"] = spec.num_cases
+    if spec.size is not None:
+        extra["size"] = spec.size
+    return PrepareParams(
+        organ=organ, source=spec.source, subset=spec.subset, seed=spec.split_seed, **extra
+    )
+
+
+def _pretrain_params(spec: StudySpec, organ: str) -> Any:
+    from mobseg.stages.pretrain import PretrainParams
+
+    return PretrainParams(
+        organ=organ,
+        preset=spec.preset,
+        device=spec.device,
+        epochs=spec.pretrain_epochs,
+        num_gpus=spec.num_gpus,
+    )
+
+
+def _finetune_params(spec: StudySpec, organ: str, head: HeadConfig, seed: int) -> Any:
+    from mobseg.stages.finetune import FinetuneParams
+
+    return FinetuneParams(
+        organ=organ,
+        head=head,
+        loss=LossConfig(samples=spec.train_samples),
+        seed=seed,
+        preset=spec.preset,
+        device=spec.device,
+        epochs=spec.epochs,
+        iterations=spec.iterations,
+    )
+
+
+def _predict_params(
+    spec: StudySpec,
+    organ: str,
+    head: HeadConfig | None,
+    seed: int,
+    input: Path | None = None,
+    out: Path | None = None,
+) -> Any:
+    """Params of a prediction; ``head=None`` predicts with the pretrained backbone."""
+    from mobseg.stages.predict import PredictParams
+
+    kwargs: dict[str, Any] = {
+        "organ": organ,
+        "seed": seed,
+        "input": input,
+        "out": out,
+        "samples": spec.samples,
+        "device": spec.device,
+    }
+    names = {f.name for f in fields(PredictParams)}
+    if head is not None:
+        kwargs["head"] = head
+    elif "backbone" in names:
+        kwargs["backbone"] = True
+    else:  # provisional until the predict stage exposes the backbone: head None
+        kwargs["head"] = None
+    return PredictParams(**kwargs)
+
+
+def _evaluate_params(organ: str, head: HeadConfig | None, seed: int) -> Any:
+    from mobseg.stages.evaluate import EvaluateParams
+
+    names = {f.name for f in fields(EvaluateParams)}
+    if head is None and "backbone" in names:
+        return EvaluateParams(organ=organ, head=None, seed=seed, backbone=True)  # type: ignore[call-arg]
+    return EvaluateParams(organ=organ, head=head, seed=seed)
+
+
+def extra_prediction_key(organ: str, extra: ExtraPrediction, tag: str) -> str:
+    """Manifest key of a prediction on an outside CT: ``predict/<organ>/<tag>/seed<S>/<name>``."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(extra.out).name) or "extra"
+    return f"{keys.predict_key(organ, tag, extra.seed)}/{name}"
+
+
+def expand(spec: StudySpec) -> Plan:
+    """Expand ``spec`` into its jobs and their dependencies (see the module docstring).
+
+    Returns:
+        The plan; its keys are the stages' manifest keys, so shared runs (the
+        ablation's M equal to the main grid's M) appear once.
+    """
+    plan = Plan()
+    organs = spec.all_organs
+    for organ in organs:
+        plan.add(Job("prepare", keys.prepare_key(organ), _prepare_params(spec, organ), gpus=0))
+    for organ in organs:
+        plan.add(
+            Job(
+                "pretrain",
+                keys.pretrain_key(organ),
+                _pretrain_params(spec, organ),
+                deps=(keys.prepare_key(organ),),
+                gpus=spec.num_gpus,
+            )
+        )
+
+    # (organ, head) of every fine-tuned configuration, main grid first, then the ablation.
+    configs: list[tuple[str, HeadConfig]] = [
+        (organ, spec.head(method)) for organ in spec.organs for method in spec.methods
+    ]
+    configs += [(spec.ablation_organ, spec.head("mob", bases=m)) for m in spec.ablation_bases]
+
+    evaluations: list[str] = []
+    for organ, head in configs:
+        tag = head.tag()
+        for seed in spec.seed_list:
+            fk = keys.finetune_key(organ, tag, seed)
+            pk = keys.predict_key(organ, tag, seed)
+            ek = keys.evaluate_key(organ, tag, seed)
+            where = {"organ": organ, "tag": tag, "seed": seed}
+            plan.add(
+                Job(
+                    "finetune",
+                    fk,
+                    _finetune_params(spec, organ, head, seed),
+                    deps=(keys.pretrain_key(organ),),
+                    **where,
+                )
+            )
+            plan.add(Job("predict", pk, _predict_params(spec, organ, head, seed), (fk,), **where))
+            plan.add(Job("evaluate", ek, _evaluate_params(organ, head, seed), (pk,), **where))
+            if ek not in evaluations:
+                evaluations.append(ek)
+
+    if spec.backbone:
+        for organ in spec.organs:
+            where = {"organ": organ, "tag": BACKBONE_TAG, "seed": 0}
+            pk = keys.predict_key(organ, BACKBONE_TAG, 0)
+            ek = keys.evaluate_key(organ, BACKBONE_TAG, 0)
+            plan.add(
+                Job(
+                    "predict",
+                    pk,
+                    _predict_params(spec, organ, None, 0),
+                    (keys.pretrain_key(organ),),
+                    **where,
+                )
+            )
+            plan.add(Job("evaluate", ek, _evaluate_params(organ, None, 0), (pk,), **where))
+            evaluations.append(ek)
+
+    for extra in spec.extra_predictions:
+        organ = spec.organs[0]
+        if extra.method == BACKBONE_TAG:
+            head, tag, dep = None, BACKBONE_TAG, keys.pretrain_key(organ)
+        else:
+            head = spec.head(extra.method)
+            tag, dep = head.tag(), keys.finetune_key(organ, head.tag(), extra.seed)
+        if dep not in plan:
+            raise ConfigurationError(
+                f"The extra prediction with {tag} seed {extra.seed} needs a run the study "
+                "does not make."
+            )
+        params = _predict_params(spec, organ, head, extra.seed, extra.input, extra.out)
+        plan.add(Job("predict", extra_prediction_key(organ, extra, tag), params, (dep,)))
+
+    if spec.report and evaluations:
+        from mobseg.stages.report import ReportParams
+
+        plan.add(
+            Job(
+                "report",
+                keys.REPORT_KEY,
+                ReportParams(),
+                tuple(evaluations),
+                gpus=0,
+                after_any=True,
+                refresh=True,
+            )
+        )
+    return plan
+
+
+# -- the spec saved beside the manifest (read by `mobseg status`) ---------------------------
+def spec_path(root: Path) -> Path:
+    return Path(root) / "study" / "spec.json"
+
+
+def save_spec(root: Path, spec: StudySpec) -> Path:
+    """Write ``spec`` to ``<root>/study/spec.json`` (atomically) and return the path."""
+    path = spec_path(root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(spec.to_dict(), indent=1), encoding="utf-8")
+    tmp.replace(path)
+    return path
+
+
+def load_spec(root: Path) -> StudySpec | None:
+    """The spec of the last ``mobseg study`` / ``demo`` in ``root``, or None."""
+    path = spec_path(root)
+    if not path.exists():
+        return None
+    try:
+        return StudySpec.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+_RUN_KEY = re.compile(r"^(finetune|predict|evaluate)/([^/]+)/([^/]+)/seed(\d+)$")
+
+
+def plan_from_records(records: Mapping[str, StageRecord]) -> Plan:
+    """A plan of what the manifest holds, for ``mobseg status`` without a saved spec.
+
+    Only keys of the standard form are placed in the grid; jobs carry no params.
+    """
+    plan = Plan()
+    for stage in STAGES:
+        for key, rec in sorted(records.items()):
+            if rec.stage != stage:
+                continue
+            m = _RUN_KEY.match(key)
+            if m is not None:
+                organ, tag, seed = m.group(2), m.group(3), int(m.group(4))
+                plan.add(Job(stage, key, None, organ=organ, tag=tag, seed=seed))
+            else:
+                plan.add(Job(stage, key, None))
+    return plan
+
+
+def tag_label(tag: str) -> str:
+    """Display name of a run tag: the paper's method label, or the tag itself."""
+    if tag == BACKBONE_TAG:
+        return "Deterministic (backbone)"
+    for method, label in METHOD_LABELS.items():
+        if tag == HeadConfig(method).tag():
+            return label
+    return tag

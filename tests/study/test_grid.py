@@ -1,0 +1,305 @@
+"""The study grid: expansion, counts, dependencies, parsing and the saved spec."""
+
+from __future__ import annotations
+
+import itertools
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mobseg.core.config import METHOD_NAMES, HeadConfig
+from mobseg.errors import ConfigurationError, UnknownNameError
+from mobseg.manifest import StageRecord
+from mobseg.stages.evaluate import EvaluateParams
+from mobseg.stages.finetune import FinetuneParams
+from mobseg.stages.predict import PredictParams
+from mobseg.stages.pretrain import PretrainParams
+from mobseg.study import grid
+from mobseg.study.grid import ExtraPrediction, StudySpec, expand
+
+PAPER_ORGANS = ("pancreas", "gallbladder", "duodenum", "adrenal_gland_left")
+
+
+def _tags() -> list[str]:
+    return ["deterministic", "diagonal", "lowrank-r16", "single-basis-r16", "mob-b3-r16"]
+
+
+def test_paper_grid_counts_by_stage() -> None:
+    plan = expand(StudySpec())
+    counts = Counter(j.stage for j in plan)
+    main = 4 * 5 * 5  # organs x methods x seeds
+    ablation = (5 - 1) * 5  # M in 1..5 on pancreas, M = 3 shared with the main grid
+    assert counts["finetune"] == main + ablation == 120
+    assert counts["predict"] == main + ablation + 4  # + the backbone of each organ
+    assert counts["evaluate"] == counts["predict"]
+    assert counts["prepare"] == counts["pretrain"] == 4
+    assert counts["report"] == 1
+    assert len(plan) == 4 + 4 + 120 + 124 + 124 + 1
+
+
+def test_paper_grid_finetune_keys_are_the_brute_force_set() -> None:
+    expected = {
+        f"finetune/{o}/{t}/seed{s}"
+        for o, t, s in itertools.product(PAPER_ORGANS, _tags(), range(5))
+    }
+    expected |= {f"finetune/pancreas/mob-b{m}-r16/seed{s}" for m in (1, 2, 4, 5) for s in range(5)}
+    got = {j.key for j in expand(StudySpec()).by_stage("finetune")}
+    assert got == expected
+
+
+def test_ablation_without_mob_in_the_grid_counts_every_m() -> None:
+    spec = StudySpec(methods=("diagonal",), seeds=2, ablation_bases=(1, 3))
+    plan = expand(spec)
+    fine = [j.key for j in plan.by_stage("finetune")]
+    assert len(fine) == 4 * 1 * 2 + 2 * 2
+    assert "finetune/pancreas/mob-b3-r16/seed1" in fine
+
+
+def test_ablation_organ_outside_the_grid_is_prepared_and_pretrained() -> None:
+    spec = StudySpec(organs=("gallbladder",), methods=("mob",), seeds=1, ablation_bases=(2,))
+    plan = expand(spec)
+    assert [j.key for j in plan.by_stage("prepare")] == ["prepare/gallbladder", "prepare/pancreas"]
+    assert "pretrain/pancreas" in plan
+    assert plan["finetune/pancreas/mob-b2-r16/seed0"].deps == ("pretrain/pancreas",)
+    # The ablation organ gets no backbone row of its own: it is not a grid organ.
+    assert "predict/pancreas/backbone/seed0" not in plan
+
+
+def test_dependencies_come_first_and_chain_the_stages() -> None:
+    plan = expand(StudySpec(seeds=2))
+    seen: set[str] = set()
+    for job in plan:
+        assert set(job.deps) <= seen, job.key
+        seen.add(job.key)
+    assert plan["pretrain/duodenum"].deps == ("prepare/duodenum",)
+    assert plan["finetune/duodenum/diagonal/seed1"].deps == ("pretrain/duodenum",)
+    assert plan["predict/duodenum/diagonal/seed1"].deps == ("finetune/duodenum/diagonal/seed1",)
+    assert plan["evaluate/duodenum/diagonal/seed1"].deps == ("predict/duodenum/diagonal/seed1",)
+    assert plan["predict/duodenum/backbone/seed0"].deps == ("pretrain/duodenum",)
+    report = plan["report"]
+    assert set(report.deps) == {j.key for j in plan.by_stage("evaluate")}
+    assert report.after_any and report.refresh
+
+
+def test_params_carry_the_spec() -> None:
+    spec = StudySpec(
+        organs=("pancreas",),
+        methods=("mob",),
+        seeds=1,
+        ablation_bases=(),
+        preset="cpu",
+        device="cpu",
+        num_gpus=4,
+        epochs=3,
+        iterations=7,
+        train_samples=4,
+        samples=9,
+        rank=8,
+        bases=2,
+        partitions=2,
+        source="phantom",
+        num_cases=12,
+        size=32,
+    )
+    plan = expand(spec)
+    pre = plan["prepare/pancreas"].params
+    assert (pre.source, pre.num_cases, pre.size) == ("phantom", 12, 32)
+    pt = plan["pretrain/pancreas"].params
+    assert isinstance(pt, PretrainParams)
+    assert (pt.preset, pt.num_gpus, pt.device) == ("cpu", 4, "cpu")
+    assert plan["pretrain/pancreas"].gpus == 4
+    tag = HeadConfig("mob", rank=8, bases=2, partitions=2).tag()
+    assert tag == "mob-b2-r8-p2"
+    ft = plan[f"finetune/pancreas/{tag}/seed0"].params
+    assert isinstance(ft, FinetuneParams)
+    assert (ft.epochs, ft.iterations, ft.loss.samples, ft.preset) == (3, 7, 4, "cpu")
+    pr = plan[f"predict/pancreas/{tag}/seed0"].params
+    assert isinstance(pr, PredictParams)
+    assert (pr.samples, pr.head.tag()) == (9, tag)
+    ev = plan[f"evaluate/pancreas/{tag}/seed0"].params
+    assert isinstance(ev, EvaluateParams)
+    assert (ev.organ, ev.seed, ev.head.tag()) == ("pancreas", 0, tag)
+
+
+def test_prepare_keeps_its_defaults_unless_the_spec_sets_them() -> None:
+    from mobseg.stages.prepare import PrepareParams
+
+    pre = expand(StudySpec(organs=("pancreas",), ablation_bases=()))["prepare/pancreas"].params
+    assert (pre.num_cases, pre.size) == (PrepareParams("x").num_cases, PrepareParams("x").size)
+
+
+def test_no_backbone_and_no_report() -> None:
+    plan = expand(StudySpec(seeds=1, ablation_bases=(), backbone=False, report=False))
+    assert not any("backbone" in k for k in plan.jobs)
+    assert "report" not in plan
+    assert len(plan.by_stage("evaluate")) == 4 * 5
+
+
+def test_extra_prediction_depends_on_its_run(tmp_path: Path) -> None:
+    extra = ExtraPrediction(input=tmp_path / "ct.nii.gz", out=tmp_path / "ex" / "s0000")
+    spec = StudySpec(organs=("pancreas",), seeds=1, ablation_bases=(), extra_predictions=(extra,))
+    plan = expand(spec)
+    key = "predict/pancreas/mob-b3-r16/seed0/s0000"
+    assert plan[key].deps == ("finetune/pancreas/mob-b3-r16/seed0",)
+    assert plan[key].params.input == extra.input and plan[key].params.out == extra.out
+    assert plan[key].tag is None  # not a run of the grid
+    assert key not in plan["report"].deps
+
+
+def test_extra_prediction_of_a_run_outside_the_grid_is_refused(tmp_path: Path) -> None:
+    extra = ExtraPrediction(input=tmp_path, out=tmp_path, method="mob", seed=3)
+    spec = StudySpec(organs=("pancreas",), seeds=1, ablation_bases=(), extra_predictions=(extra,))
+    with pytest.raises(ConfigurationError, match="seed 3"):
+        expand(spec)
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("1..5", (1, 2, 3, 4, 5)),
+        ("1,2,4", (1, 2, 4)),
+        ("2..3,5", (2, 3, 5)),
+        ("3", (3,)),
+        ("1-3", (1, 2, 3)),
+        ("1..3,2", (1, 2, 3)),
+        ("none", ()),
+        ("", ()),
+    ],
+)
+def test_parse_bases(text: str, values: tuple[int, ...]) -> None:
+    assert grid.parse_bases(text) == values
+
+
+@pytest.mark.parametrize("text", ["5..1", "a", "1..", "1;2"])
+def test_parse_bases_rejects(text: str) -> None:
+    with pytest.raises(ConfigurationError, match="bases-ablation"):
+        grid.parse_bases(text)
+
+
+def test_names_are_split_and_resolved() -> None:
+    assert grid.resolve_organs(["pancreas,duodenum", "gallbladder"]) == (
+        "pancreas",
+        "duodenum",
+        "gallbladder",
+    )
+    assert grid.resolve_organs(None) == PAPER_ORGANS
+    assert grid.resolve_methods(["mob", "diagonal,mob"]) == ("mob", "diagonal")
+    assert grid.resolve_methods([]) == METHOD_NAMES
+    with pytest.raises(UnknownNameError, match="pancreas"):
+        grid.resolve_organs(["pancreaas"])
+    with pytest.raises(UnknownNameError, match="mob"):
+        grid.resolve_methods(["mobb"])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"seeds": 0}, "--seeds"),
+        ({"organs": ()}, "organ"),
+        ({"ablation_bases": (0, 1)}, "bases-ablation"),
+        ({"num_gpus": 0}, "num-gpus"),
+    ],
+)
+def test_spec_validation(kwargs: dict, match: str) -> None:
+    with pytest.raises(ConfigurationError, match=match):
+        StudySpec(**kwargs)
+
+
+def test_spec_round_trips_through_the_saved_file(tmp_path: Path) -> None:
+    extra = ExtraPrediction(input=tmp_path / "ct.nii.gz", out=tmp_path / "out", seed=1)
+    spec = StudySpec(
+        organs=("duodenum",),
+        methods=("mob", "diagonal"),
+        seeds=2,
+        ablation_bases=(1,),
+        extra_predictions=(extra,),
+        preset="cpu",
+        num_cases=5,
+    )
+    assert grid.load_spec(tmp_path) is None
+    path = grid.save_spec(tmp_path, spec)
+    assert path == tmp_path / "study" / "spec.json"
+    assert grid.load_spec(tmp_path) == spec
+    path.write_text("{not json", encoding="utf-8")
+    assert grid.load_spec(tmp_path) is None
+
+
+def _rec(key: str, status: str) -> StageRecord:
+    return StageRecord(stage=key.split("/")[0], key=key, status=status)
+
+
+def test_stage_counts_and_run_cells_follow_the_manifest() -> None:
+    spec = StudySpec(organs=("pancreas",), methods=("diagonal", "mob"), seeds=3, ablation_bases=())
+    plan = expand(spec)
+    recs = {
+        k: _rec(k, s)
+        for k, s in [
+            ("prepare/pancreas", "done"),
+            ("pretrain/pancreas", "done"),
+            ("finetune/pancreas/diagonal/seed0", "done"),
+            ("predict/pancreas/diagonal/seed0", "done"),
+            ("evaluate/pancreas/diagonal/seed0", "done"),
+            ("finetune/pancreas/diagonal/seed1", "done"),
+            ("predict/pancreas/diagonal/seed1", "failed"),
+            ("finetune/pancreas/diagonal/seed2", "done"),  # predict not yet: pending
+            ("finetune/pancreas/mob-b3-r16/seed0", "running"),
+            ("predict/pancreas/backbone/seed0", "done"),
+            ("evaluate/pancreas/backbone/seed0", "done"),
+        ]
+    }
+    rows = {r["stage"]: r for r in plan.stage_counts(recs)}
+    assert rows["finetune"] == {
+        "stage": "finetune",
+        "total": 6,
+        "done": 3,
+        "running": 1,
+        "failed": 0,
+        "remaining": 3,
+    }
+    assert rows["predict"]["total"] == 7 and rows["predict"]["done"] == 2
+    assert rows["predict"]["failed"] == 1 and rows["predict"]["remaining"] == 5
+    assert rows["report"]["remaining"] == 1
+    cells = plan.run_cells(recs)
+    assert cells[("pancreas", "diagonal")] == Counter(done=1, failed=1, pending=1)
+    assert cells[("pancreas", "mob-b3-r16")] == Counter(running=1, pending=2)
+    assert cells[("pancreas", "backbone")] == Counter(done=1)
+
+
+@pytest.mark.parametrize(
+    ("statuses", "expected"),
+    [
+        ([], "pending"),
+        (["done", "done", "done"], "done"),
+        (["done", "done", "pending"], "pending"),
+        (["done", "failed", "pending"], "failed"),
+        (["done", "running", "pending"], "running"),
+        (["done", "done", "failed"], "failed"),
+    ],
+)
+def test_run_status(statuses: list[str], expected: str) -> None:
+    assert grid.run_status(statuses) == expected
+
+
+def test_plan_from_records_places_standard_keys_in_the_grid() -> None:
+    recs = {
+        k: _rec(k, "done")
+        for k in (
+            "prepare/pancreas",
+            "finetune/pancreas/mob-b3-r16/seed1",
+            "predict/pancreas/mob-b3-r16/seed1",
+            "predict/pancreas/mob-b3-r16/seed1/s0000",
+            "report",
+        )
+    }
+    plan = grid.plan_from_records(recs)
+    assert [j.stage for j in plan] == ["prepare", "finetune", "predict", "predict", "report"]
+    assert plan.run_cells(recs) == {("pancreas", "mob-b3-r16"): Counter(done=1)}
+
+
+def test_plan_rejects_unknown_dependencies_and_dedups() -> None:
+    plan = grid.Plan()
+    first = plan.add(grid.Job("prepare", "prepare/x", None))
+    assert plan.add(grid.Job("prepare", "prepare/x", "other")) is first
+    with pytest.raises(ValueError, match="unplanned"):
+        plan.add(grid.Job("pretrain", "pretrain/x", None, deps=("prepare/y",)))
