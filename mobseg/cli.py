@@ -175,6 +175,9 @@ def prepare(
     on_error: Annotated[
         str, typer.Option(help="skip (record a bad case and go on) or fail.")
     ] = "skip",
+    zenodo_url: Annotated[
+        str, typer.Option(help="Zenodo base URL (or a mirror with Zenodo's API).")
+    ] = "https://zenodo.org",
     force: ForceOpt = False,
 ) -> None:
     """Get the data, keep the scans where the organ is visible, split, write the nnU-Net dataset."""
@@ -194,10 +197,25 @@ def prepare(
             size=size,
             annotators=annotators,
             on_error=on_error,
+            zenodo_url=zenodo_url,
         )
         return stage.run(workspace(), params, force=force)
 
     _print_record(guarded(go))
+    if state.verbosity == 0:
+        return
+    table = Table(title="Cases per split after filtering (cf. the paper's Table 1)")
+    for col in ("organ", "source", "train", "val", "test", "excluded", "paper tr/val/test"):
+        table.add_column(col, no_wrap=True, justify="left" if col == "organ" else "right")
+    for row in stage.summary_rows(workspace()):
+        paper = row["paper"] if row["source"] != "phantom" else None
+        table.add_row(
+            row["organ"],
+            row["source"],
+            *(str(row[k]) for k in ("train", "val", "test", "excluded")),
+            "/".join(map(str, paper)) if paper else "-",
+        )
+    out.print(table)
 
 
 @app.command()

@@ -1,0 +1,501 @@
+"""Safe NIfTI input and output, shared by every stage.
+
+SimpleITK is the geometry authority of mobseg, because nnU-Net's default
+reader (``SimpleITKIO``) is SimpleITK too: size, spacing, origin and direction
+are always those SimpleITK reports (LPS world coordinates; a RAS NIfTI file
+therefore reads with direction ``diag(-1, -1, 1)``).
+
+Reading verifies what SimpleITK does not:
+
+- the whole gzip stream is decompressed once and its CRC and length checked
+  (SimpleITK silently fills a truncated ``.nii.gz`` with zeros);
+- the NIfTI header's data block fits in the decompressed bytes (a complete
+  gzip of a cut-off file is caught the same way);
+- floating-point images hold only finite values.
+
+Writing is atomic: a temporary file in the destination folder, then
+``os.replace``, so nothing under a final name is ever half-written.
+
+Every failure raises :class:`~mobseg.errors.InvalidInputError` naming the case
+and the file.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import struct
+import tempfile
+import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import SimpleITK as sitk
+
+from mobseg.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 1 << 22  # 4 MiB
+
+#: NIfTI datatype code -> bytes per voxel (the codes of nifti1.h).
+_NIFTI_BYTES = {
+    2: 1,  # uint8
+    4: 2,  # int16
+    8: 4,  # int32
+    16: 4,  # float32
+    32: 8,  # complex64
+    64: 8,  # float64
+    128: 3,  # rgb24
+    256: 1,  # int8
+    512: 2,  # uint16
+    768: 4,  # uint32
+    1024: 8,  # int64
+    1280: 8,  # uint64
+    1536: 16,  # float128
+    1792: 16,  # complex128
+    2304: 4,  # rgba32
+}
+
+
+# -- geometry ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class GeometryTolerance:
+    """Tolerances of :func:`geometry_differences`.
+
+    Attributes:
+        spacing_mm: Absolute tolerance on each spacing component (mm).
+        origin_mm: Absolute tolerance on each origin component (mm).
+        direction: Absolute tolerance on each direction-matrix entry.
+        rtol: Relative tolerance added to the spacing and origin checks
+            (``|a - b| <= atol + rtol * |b|``, as ``numpy.allclose``).
+    """
+
+    spacing_mm: float = 1e-4
+    origin_mm: float = 1e-3
+    direction: float = 1e-5
+    rtol: float = 1e-5
+
+
+DEFAULT_TOLERANCE = GeometryTolerance()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The voxel grid of an image, as SimpleITK reports it.
+
+    Attributes:
+        size: Voxels per axis (x, y, z), SimpleITK order (the numpy array of
+            the image has the reversed shape (z, y, x)).
+        spacing: Voxel size in mm per axis.
+        origin: World position (LPS, mm) of the first voxel's centre.
+        direction: Row-major direction cosines (9 numbers for 3-D).
+    """
+
+    size: tuple[int, ...]
+    spacing: tuple[float, ...]
+    origin: tuple[float, ...]
+    direction: tuple[float, ...]
+
+    @classmethod
+    def of(cls, image: sitk.Image) -> Geometry:
+        """The geometry of a SimpleITK image."""
+        return cls(
+            size=tuple(int(s) for s in image.GetSize()),
+            spacing=tuple(float(s) for s in image.GetSpacing()),
+            origin=tuple(float(s) for s in image.GetOrigin()),
+            direction=tuple(float(s) for s in image.GetDirection()),
+        )
+
+    def to_dict(self) -> dict[str, list[float] | list[int]]:
+        return {
+            "size": list(self.size),
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+        }
+
+
+def _fmt(values: tuple[float, ...]) -> str:
+    return "(" + ", ".join(f"{v:.6g}" for v in values) + ")"
+
+
+def geometry_differences(
+    a: Geometry | sitk.Image,
+    b: Geometry | sitk.Image,
+    tol: GeometryTolerance = DEFAULT_TOLERANCE,
+) -> list[str]:
+    """How two grids differ, one phrase per differing property (empty if equal).
+
+    Size must match exactly; spacing, origin and direction within ``tol``.
+    """
+    ga = a if isinstance(a, Geometry) else Geometry.of(a)
+    gb = b if isinstance(b, Geometry) else Geometry.of(b)
+    diffs: list[str] = []
+    if ga.size != gb.size:
+        return [f"size {ga.size} != {gb.size}"]
+    checks = (
+        ("spacing", ga.spacing, gb.spacing, tol.spacing_mm, tol.rtol),
+        ("origin", ga.origin, gb.origin, tol.origin_mm, tol.rtol),
+        ("direction", ga.direction, gb.direction, tol.direction, 0.0),
+    )
+    for name, va, vb, atol, rtol in checks:
+        if len(va) != len(vb) or not np.allclose(va, vb, rtol=rtol, atol=atol):
+            diffs.append(f"{name} {_fmt(va)} != {_fmt(vb)}")
+    return diffs
+
+
+def check_same_geometry(
+    reference: Geometry | sitk.Image,
+    other: Geometry | sitk.Image,
+    case: str | None,
+    path: str | os.PathLike[str],
+    what: str = "mask",
+    tol: GeometryTolerance = DEFAULT_TOLERANCE,
+) -> None:
+    """Raise unless ``other`` (read from ``path``) lies on ``reference``'s grid.
+
+    Raises:
+        InvalidInputError: naming the case, the file and every differing
+            property (size, spacing, origin, direction).
+    """
+    diffs = geometry_differences(other, reference, tol)
+    if diffs:
+        raise InvalidInputError(
+            f"The {what} does not lie on the CT's grid: {'; '.join(diffs)}.",
+            case=case,
+            path=str(path),
+            hint="Image and mask must share size, spacing, origin and direction.",
+        )
+
+
+# -- verified reading --------------------------------------------------------------
+def _header_data_end(head: bytes) -> int | None:
+    """Bytes a single-file NIfTI needs (header + data), from its first 540 bytes.
+
+    Returns None when ``head`` is not a NIfTI-1/2 header.
+    """
+    if len(head) < 4:
+        return None
+    for endian in ("<", ">"):
+        (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
+        if sizeof_hdr == 348 and len(head) >= 348:
+            dims = struct.unpack(endian + "8h", head[40:56])
+            (datatype,) = struct.unpack(endian + "h", head[70:72])
+            (vox_offset,) = struct.unpack(endian + "f", head[108:112])
+            first = 352
+        elif sizeof_hdr == 540 and len(head) >= 540:
+            (datatype,) = struct.unpack(endian + "h", head[12:14])
+            dims = struct.unpack(endian + "8q", head[16:80])
+            (vox_offset,) = struct.unpack(endian + "q", head[168:176])
+            first = 544
+        else:
+            continue
+        ndim = int(dims[0])
+        if not 1 <= ndim <= 7 or datatype not in _NIFTI_BYTES:
+            return None
+        voxels = 1
+        for d in dims[1 : ndim + 1]:
+            voxels *= max(int(d), 1)
+        offset = max(int(vox_offset), first)
+        return offset + voxels * _NIFTI_BYTES[datatype]
+    return None
+
+
+def verify_nifti_file(
+    path: str | os.PathLike[str], case: str | None = None, display: str | None = None
+) -> int:
+    """Check a ``.nii`` / ``.nii.gz`` file completely, without trusting SimpleITK.
+
+    The gzip stream (if any) is decompressed to the end, which checks its CRC
+    and length; the NIfTI header must be valid and its data block must be
+    present in full.
+
+    Args:
+        path: The file.
+        case: The case id, for messages.
+        display: How to name the file in messages (default: ``path``), e.g.
+            ``archive.zip!s0001/ct.nii.gz`` for a member copied out of a zip.
+
+    Returns:
+        The number of (decompressed) bytes.
+
+    Raises:
+        InvalidInputError: missing file, truncated or corrupt gzip stream, not a
+            NIfTI file, or data shorter than the header declares.
+    """
+    p = Path(path)
+    shown = display or str(p)
+    if not p.is_file():
+        raise InvalidInputError("The file does not exist.", case=case, path=shown)
+    with open(p, "rb") as raw:
+        magic = raw.read(2)
+    gzipped = magic == b"\x1f\x8b"
+    if not gzipped and p.name.endswith(".gz"):
+        raise InvalidInputError(
+            "The file ends in .gz but is not gzip-compressed (corrupt file).",
+            case=case,
+            path=shown,
+        )
+    head = b""
+    total = 0
+    try:
+        opener = gzip.open if gzipped else open
+        with opener(p, "rb") as fh:  # type: ignore[operator]
+            while True:
+                chunk = fh.read(_CHUNK)
+                if not chunk:
+                    break
+                if len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                total += len(chunk)
+    except (EOFError, OSError, zlib.error) as exc:
+        raise InvalidInputError(
+            f"Truncated or corrupt gzip stream ({exc}).",
+            case=case,
+            path=shown,
+            hint="Download or extract the file again.",
+        ) from exc
+    needed = _header_data_end(head)
+    if needed is None:
+        raise InvalidInputError("Not a NIfTI file (no valid NIfTI header).", case=case, path=shown)
+    if total < needed:
+        raise InvalidInputError(
+            f"The image data is truncated: {total} of {needed} bytes present.",
+            case=case,
+            path=shown,
+            hint="Download or extract the file again.",
+        )
+    return total
+
+
+def read_image(
+    path: str | os.PathLike[str],
+    case: str | None = None,
+    *,
+    check_finite: bool = True,
+    verify: bool = True,
+    display: str | None = None,
+) -> sitk.Image:
+    """Read a NIfTI image with SimpleITK after verifying the file.
+
+    Args:
+        path: A ``.nii.gz`` or ``.nii`` file.
+        case: The case id, for messages.
+        check_finite: Refuse NaN or infinite voxels (floating-point images).
+        verify: Run :func:`verify_nifti_file` first (always, unless the caller
+            has just done it).
+        display: How to name the file in messages (default: ``path``).
+
+    Returns:
+        The image (its array via ``sitk.GetArrayFromImage`` has shape (z, y, x)).
+
+    Raises:
+        InvalidInputError: the file is missing, corrupt, truncated, unreadable
+            or holds non-finite values.
+    """
+    shown = display or str(path)
+    if verify:
+        verify_nifti_file(path, case, shown)
+    try:
+        image = sitk.ReadImage(str(path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[-1] if str(exc).strip() else "unknown error"
+        raise InvalidInputError(
+            f"SimpleITK cannot read the file ({first}).", case=case, path=shown
+        ) from exc
+    if check_finite:
+        check_finite_image(image, case, shown)
+    return image
+
+
+def check_finite_image(
+    image: sitk.Image, case: str | None, path: str | os.PathLike[str] | None
+) -> None:
+    """Raise if a floating-point image holds NaN or infinite voxels."""
+    arr = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(arr.dtype, np.floating):
+        return
+    finite = np.isfinite(arr)
+    if finite.all():
+        return
+    n_nan = int(np.isnan(arr).sum())
+    n_inf = int(arr.size - finite.sum() - n_nan)
+    raise InvalidInputError(
+        f"The image holds {n_nan} NaN and {n_inf} infinite voxels.",
+        case=case,
+        path=None if path is None else str(path),
+        hint="Replace non-finite values or exclude the case.",
+    )
+
+
+def binary_mask_array(
+    image: sitk.Image, case: str | None, path: str | os.PathLike[str]
+) -> np.ndarray:
+    """The 0/1 array (uint8, shape (z, y, x)) of a mask image.
+
+    Raises:
+        InvalidInputError: the mask holds values other than 0 and 1.
+    """
+    arr = sitk.GetArrayViewFromImage(image)
+    if arr.dtype == np.bool_:
+        return arr.astype(np.uint8)
+    is_one = arr == 1
+    if not np.logical_or(is_one, arr == 0).all():
+        values = np.unique(arr)
+        shown = ", ".join(f"{v:g}" for v in values[:8]) + (", ..." if values.size > 8 else "")
+        raise InvalidInputError(
+            f"The mask is not binary: it holds the values {shown} (expected 0 and 1).",
+            case=case,
+            path=str(path),
+            hint="Give one 0/1 mask per structure.",
+        )
+    return is_one.astype(np.uint8)
+
+
+# -- atomic writing ----------------------------------------------------------------
+def _suffix(path: Path) -> str:
+    name = path.name
+    for ext in (".nii.gz", ".tar.gz"):
+        if name.endswith(ext):
+            return ext
+    return path.suffix
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+
+    The temporary name keeps the extension (so writers that choose a format by
+    extension still work) and starts with a dot. On an exception the temporary
+    file is removed and ``path`` is left untouched.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_suffix(final), dir=final.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, final)
+    except BaseException:
+        tmp_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (flushed and fsynced)."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
+    """Write ``obj`` as indented JSON to ``path`` atomically."""
+    return atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def write_image(image: sitk.Image, path: str | os.PathLike[str], compress: bool = True) -> Path:
+    """Write a SimpleITK image atomically (``.nii.gz`` compressed by default)."""
+    with atomic_path(path) as tmp:
+        sitk.WriteImage(image, str(tmp), useCompression=compress)
+    return Path(path)
+
+
+def array_to_image(
+    array: np.ndarray, like: sitk.Image | Geometry, dtype: type | np.dtype | None = None
+) -> sitk.Image:
+    """An image from a (z, y, x) array on the grid of ``like``.
+
+    Raises:
+        ValueError: the array's shape is not the reversed size of ``like``.
+    """
+    geo = like if isinstance(like, Geometry) else Geometry.of(like)
+    arr = np.asarray(array if dtype is None else np.asarray(array).astype(dtype, copy=False))
+    if arr.shape != tuple(reversed(geo.size)):
+        raise ValueError(
+            f"array shape {arr.shape} does not match the grid (z, y, x) = "
+            f"{tuple(reversed(geo.size))}"
+        )
+    image = sitk.GetImageFromArray(np.ascontiguousarray(arr))
+    image.SetSpacing(geo.spacing)
+    image.SetOrigin(geo.origin)
+    image.SetDirection(geo.direction)
+    return image
+
+
+def write_array(
+    array: np.ndarray,
+    like: sitk.Image | Geometry,
+    path: str | os.PathLike[str],
+    dtype: type | np.dtype | None = None,
+) -> Path:
+    """Write a (z, y, x) array on ``like``'s grid to ``path`` atomically."""
+    return write_image(array_to_image(array, like, dtype), path)
+
+
+# -- resampling --------------------------------------------------------------------
+def resample_to_spacing(
+    image: sitk.Image, spacing_mm: float, is_mask: bool = False
+) -> sitk.Image:
+    """Resample an image to isotropic ``spacing_mm`` over the same physical extent.
+
+    The new grid keeps the origin (centre of the first voxel) and the
+    direction; its size per axis is ``max(1, round(size * spacing / spacing_mm))``.
+    Points past the last input voxel centre take the nearest voxel's value
+    (SimpleITK's nearest-neighbour extrapolator), so no artificial border appears.
+
+    Args:
+        image: The image.
+        spacing_mm: The new isotropic spacing (> 0).
+        is_mask: Treat as a 0/1 mask: the mask is resampled as float32 with
+            linear interpolation and thresholded at 0.5 (uint8 result), which
+            keeps thin structures better than nearest-neighbour. Otherwise
+            linear interpolation in float32, rounded back to integer pixel types.
+
+    Returns:
+        The resampled image.
+    """
+    if spacing_mm <= 0:
+        raise ValueError(f"spacing_mm must be positive, got {spacing_mm}")
+    old_size = np.array(image.GetSize(), dtype=np.float64)
+    old_spacing = np.array(image.GetSpacing(), dtype=np.float64)
+    new_size = [max(1, int(round(s))) for s in old_size * old_spacing / spacing_mm]
+    source = sitk.Cast(image, sitk.sitkFloat32)
+    out = sitk.Resample(
+        source,
+        new_size,
+        sitk.Transform(),
+        sitk.sitkLinear,
+        image.GetOrigin(),
+        (float(spacing_mm),) * image.GetDimension(),
+        image.GetDirection(),
+        0.0,
+        sitk.sitkFloat32,
+        True,
+    )
+    arr = sitk.GetArrayFromImage(out)
+    if is_mask:
+        result = (arr >= 0.5).astype(np.uint8)
+    else:
+        dtype = sitk.GetArrayViewFromImage(image).dtype
+        if np.issubdtype(dtype, np.integer):
+            info = np.iinfo(dtype)
+            result = np.clip(np.rint(arr), info.min, info.max).astype(dtype)
+        else:
+            result = arr.astype(dtype, copy=False)
+    return array_to_image(result, out)
