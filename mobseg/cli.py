@@ -224,7 +224,10 @@ def pretrain(
     preset: PresetOpt = "paper",
     device: DeviceOpt = "auto",
     epochs: Annotated[int | None, typer.Option(help="Override the preset's epochs.")] = None,
-    num_gpus: Annotated[int, typer.Option(help="GPUs for nnU-Net's DDP training.")] = 1,
+    iterations: Annotated[
+        int | None, typer.Option(help="Override the preset's iterations per epoch.")
+    ] = None,
+    num_gpus: Annotated[int, typer.Option(help="GPUs (only 1 is supported).")] = 1,
     force: ForceOpt = False,
 ) -> None:
     """Train the deterministic nnU-Net v2 backbone (planning, preprocessing, training)."""
@@ -232,7 +235,12 @@ def pretrain(
 
     def go() -> Any:
         params = stage.PretrainParams(
-            organ=_organ(organ), preset=preset, device=device, epochs=epochs, num_gpus=num_gpus
+            organ=_organ(organ),
+            preset=preset,
+            device=device,
+            epochs=epochs,
+            iterations=iterations,
+            num_gpus=num_gpus,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -257,7 +265,10 @@ def finetune(
     mc_loss: Annotated[
         str, typer.Option(help="mean (paper) or logsumexp (SSN) Monte-Carlo loss.")
     ] = "mean",
-    preset: PresetOpt = "paper",
+    preset: Annotated[
+        str | None,
+        typer.Option("--preset", help="paper, cpu or micro; default: the backbone's preset."),
+    ] = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
@@ -284,7 +295,15 @@ def finetune(
 @app.command()
 def predict(
     organ: OrganOpt,
-    method: MethodOpt = "mob",
+    method: Annotated[
+        str,
+        typer.Option(
+            "--method",
+            "-m",
+            help="deterministic, diagonal, lowrank, single-basis, mob, or backbone (the "
+            "pretrained network itself, recorded under the tag 'backbone', seed 0).",
+        ),
+    ] = "mob",
     seed: SeedOpt = 0,
     input: Annotated[
         Path | None, typer.Option("--input", "-i", help="CT file or folder; default: test split.")
@@ -304,9 +323,13 @@ def predict(
     from mobseg.stages import predict as stage
 
     def go() -> Any:
+        backbone = method == "backbone"
         params = stage.PredictParams(
             organ=_organ(organ),
-            head=_head(method, bases, rank, partitions, noise, mixing),
+            head=_head(
+                "deterministic" if backbone else method, bases, rank, partitions, noise, mixing
+            ),
+            backbone=backbone,
             seed=seed,
             input=input,
             samples=samples,

@@ -1,14 +1,41 @@
-"""Stage ``finetune``: stochastic heads on the pretrained backbone."""
+"""Stage ``finetune``: stochastic heads on the pretrained backbone (SPEC sections 3-4).
+
+``run`` builds :class:`mobseg.nnunet.trainer.FinetuneTrainer` for the method
+of ``params.head``, loads the pretrained backbone strictly, and trains all
+parameters with the paper's protocol (AdamW, lr 1e-4, weight decay 1e-4,
+gradient clipping, k = 5 samples, batch size 1, 20 x 250 iterations for the
+``paper`` preset; fewer for ``cpu`` and ``micro``). ``deterministic`` is the
+same fine-tuning without a stochastic head: the control that separates "more
+training" from "covariance model".
+
+The run folder ``<workdir>/runs/<organ>/<tag>/seed<S>/`` holds
+``checkpoint_latest.pth`` (every epoch), ``checkpoint_best.pth`` (best
+whole-volume validation Dice), ``checkpoint_final.pth``, ``losses.csv``,
+``progress.png`` and nnU-Net's ``training_log.txt``. An interrupted run (even
+``kill -9``) resumes from ``checkpoint_latest.pth``.
+
+Manifest key ``finetune/<organ>/<tag>/seed<S>``; outputs: ``run_dir``,
+``checkpoint_best``, ``checkpoint_final``, ``losses_csv``, ``progress_png``,
+``best_val_dice``, ``best_epoch``, ``inference_mixing``, ``epochs``,
+``preset``.
+"""
 
 from __future__ import annotations
 
+import logging
+import math
+import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from mobseg.core.config import HeadConfig, LossConfig
-from mobseg.errors import NotImplementedYetError
-from mobseg.manifest import StageRecord
+from mobseg.errors import ConfigurationError
+from mobseg.manifest import Manifest, StageRecord
+from mobseg.stages.keys import finetune_key
 from mobseg.workspace import Workspace
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -20,24 +47,27 @@ class FinetuneParams:
         head: The method and its hyper-parameters.
         loss: Samples per step and loss weights.
         seed: Seed of the run (torch, numpy, random, data loaders).
-        preset: ``paper`` or ``cpu``.
+        preset: ``paper``, ``cpu`` or ``micro``; None = the backbone's preset
+            (a different one is refused).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         epochs: Override the preset's epochs (paper: 20).
         iterations: Override the preset's iterations per epoch (paper: 250).
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
+        val_every: Override the preset's validation interval (epochs).
     """
 
     organ: str
     head: HeadConfig = field(default_factory=lambda: HeadConfig("mob"))
     loss: LossConfig = field(default_factory=LossConfig)
     seed: int = 0
-    preset: str = "paper"
+    preset: str | None = None
     device: str = "auto"
     epochs: int | None = None
     iterations: int | None = None
     lr: float = 1e-4
     weight_decay: float = 1e-4
+    val_every: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -46,5 +76,111 @@ class FinetuneParams:
 
 
 def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageRecord:
-    """Fine-tune the backbone of ``params.organ`` with the head ``params.head``."""
-    raise NotImplementedYetError("mobseg finetune")
+    """Fine-tune the backbone of ``params.organ`` with the head ``params.head``.
+
+    Returns:
+        The finished record (without work if it was done already).
+
+    Raises:
+        MissingStageError: ``pretrain`` has not finished for the organ.
+        ConfigurationError: another preset than the backbone's, or a bad option.
+    """
+    from mobseg.device import resolve_device
+    from mobseg.nnunet.context import pretrained_model
+    from mobseg.nnunet.presets import get_preset
+
+    for name in ("epochs", "iterations", "val_every"):
+        value = getattr(params, name)
+        if value is not None and value < 1:
+            raise ConfigurationError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
+    if params.lr <= 0 or params.weight_decay < 0:
+        raise ConfigurationError("--lr must be > 0 and --weight-decay >= 0.")
+    if params.preset is not None:
+        get_preset(params.preset)
+    manifest = Manifest(ws.manifest_path)
+    model = pretrained_model(manifest, params.organ, params.preset)
+    preset = get_preset(model.preset)
+    tag = params.head.tag()
+    key = finetune_key(params.organ, tag, params.seed)
+    old = manifest.get(key)
+    if old is not None and old.done and not force:
+        return old
+    device = resolve_device(params.device)
+    run_dir = ws.run_dir(params.organ, tag, params.seed)
+    if force and run_dir.exists():
+        shutil.rmtree(run_dir)
+
+    from mobseg.nnunet.env import setup_nnunet
+
+    setup_nnunet(ws, preset)
+    inputs = {"pretrain": model.record.key, "backbone_checkpoint": str(model.checkpoint)}
+    with manifest.running("finetune", key, params.to_dict(), inputs) as outputs:
+        outputs.update(_finetune(params, preset, model, run_dir, device, tag))
+    rec = manifest.get(key)
+    assert rec is not None
+    return rec
+
+
+def _finetune(
+    params: FinetuneParams, preset: Any, model: Any, run_dir: Path, device: str, tag: str
+) -> dict[str, Any]:
+    import torch
+
+    from mobseg.nnunet.trainer import FinetuneTrainer, make_trainer
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    latest = run_dir / "checkpoint_latest.pth"
+    final = run_dir / "checkpoint_final.pth"
+    best = run_dir / "checkpoint_best.pth"
+    epochs = params.epochs or preset.finetune_epochs
+    resume = latest.exists() or final.exists()
+    plans = model.plans()
+    _, _, dataset_json = model.load()
+    trainer = make_trainer(
+        FinetuneTrainer, plans, model.configuration, dataset_json, device, resume=resume
+    )
+    trainer.configure(
+        head=params.head,
+        loss=params.loss,
+        run_dir=run_dir,
+        backbone_checkpoint=None if resume else model.checkpoint,
+        seed=params.seed,
+        epochs=epochs,
+        iterations=params.iterations or preset.finetune_iterations,
+        batch_size=preset.finetune_batch_size,
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        grad_clip=preset.grad_clip,
+        val_every=params.val_every or preset.val_every,
+        val_samples=preset.val_samples,
+        tile_step_size=preset.tile_step_size,
+        label=f"{params.organ} {tag} seed{params.seed}",
+    )
+    if final.exists():
+        trainer.load_checkpoint(str(final))
+        if trainer.current_epoch < epochs:
+            trainer.run_training()
+    else:
+        if latest.exists():
+            log.info("resuming %s from %s", tag, latest)
+            trainer.load_checkpoint(str(latest))
+        else:
+            trainer.initialize()
+        trainer.run_training()
+    meta = torch.load(best, map_location="cpu", weights_only=False).get("mobseg", {})
+    return {
+        "run_dir": str(run_dir),
+        "checkpoint_best": str(best),
+        "checkpoint_final": str(final),
+        "losses_csv": str(run_dir / "losses.csv"),
+        "progress_png": str(run_dir / "progress.png"),
+        "best_val_dice": (
+            float(trainer.best_val_dice) if math.isfinite(trainer.best_val_dice) else None
+        ),
+        "best_epoch": int(meta.get("best_epoch", trainer.best_epoch)),
+        "inference_mixing": params.head.mixing,
+        "epochs": int(trainer.current_epoch),
+        "preset": model.preset,
+        "tag": tag,
+        "device": device,
+    }

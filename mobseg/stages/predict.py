@@ -1,15 +1,48 @@
-"""Stage ``predict``: sliding-window Monte-Carlo inference (SPEC section 5)."""
+"""Stage ``predict``: sliding-window Monte-Carlo inference (SPEC sections 5 and 7).
+
+For each input CT: nnU-Net's preprocessing (the backbone's plans), the
+Monte-Carlo predictor :class:`mobseg.nnunet.predictor.MCPredictor` (one
+backbone pass per tile, k samples from the head, stitched moments), and the
+export of :mod:`mobseg.nnunet.export` back to the CT's exact grid.
+
+Which model: the fine-tuned run of ``params.head`` and ``params.seed`` (its
+``checkpoint_best.pth``, selected by validation Dice), or with
+``params.backbone`` the pretrained backbone itself (the paper's
+"Deterministic" row), registered under the tag ``backbone`` and seed 0.
+
+Files per case in the output folder: ``<case>_seg.nii.gz`` (uint8),
+``<case>_prob.nii.gz`` (float32 foreground mean probability),
+``<case>_var.nii.gz`` (float32 Var[p] of the foreground),
+``<case>_entropy.nii.gz`` (float32 predictive entropy, nats) and
+``<case>_mi.nii.gz`` (float32 mutual information, nats). Cases whose files
+all exist are skipped, so an interrupted run resumes.
+
+Case names: ``<case>_0000.nii.gz`` -> ``<case>``; ``<name>.nii.gz`` ->
+``<name>``; a TotalSegmentator ``<case>/ct.nii.gz`` -> ``<case>``.
+
+Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
+``cases``, ``samples`` (k used per tile), ``tta``, ``checkpoint``,
+``point_mass``, ``mixing``, ``files`` (suffixes written).
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mobseg.core.config import HeadConfig
-from mobseg.errors import NotImplementedYetError
-from mobseg.manifest import StageRecord
+from mobseg.errors import ConfigurationError, InvalidInputError
+from mobseg.manifest import Manifest, StageRecord
+from mobseg.stages.keys import finetune_command, finetune_key, predict_key
 from mobseg.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: Tag (and seed) under which the pretrained backbone's predictions are recorded.
+BACKBONE_TAG = "backbone"
+BACKBONE_SEED = 0
 
 
 @dataclass(frozen=True)
@@ -25,6 +58,10 @@ class PredictParams:
         tta: Mirroring test-time augmentation (mirrored passes add samples).
         out: Output folder; None = the workdir's predictions folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
+        backbone: Predict with the pretrained backbone (tag ``backbone``,
+            seed 0) instead of a fine-tuned run; ``head`` and ``seed`` are
+            then ignored.
+        chunk: Samples drawn at once per tile (memory bound).
     """
 
     organ: str
@@ -35,6 +72,16 @@ class PredictParams:
     tta: bool = False
     out: Path | None = None
     device: str = "auto"
+    backbone: bool = False
+    chunk: int = 10
+
+    @property
+    def tag(self) -> str:
+        return BACKBONE_TAG if self.backbone else self.head.tag()
+
+    @property
+    def run_seed(self) -> int:
+        return BACKBONE_SEED if self.backbone else self.seed
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -44,6 +91,254 @@ class PredictParams:
         return d
 
 
+def case_name(path: Path) -> str:
+    """Case id of a CT file (see the module docstring)."""
+    name = path.name
+    for ext in (".nii.gz", ".nii"):
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+            break
+    if name.endswith("_0000"):
+        name = name[:-5]
+    if name == "ct" and path.parent.name:
+        name = path.parent.name
+    return name
+
+
+def _ct_files(folder: Path) -> list[Path]:
+    files = sorted(
+        p for p in folder.iterdir() if p.is_file() and p.name.endswith((".nii.gz", ".nii"))
+    )
+    if not files:
+        files = sorted(folder.glob("*/ct.nii.gz"))
+    return files
+
+
+def resolve_inputs(
+    params: PredictParams, test_dir: Path | None, test_cases: list[str]
+) -> dict[str, Path]:
+    """The CTs to predict, by case id.
+
+    Raises:
+        InvalidInputError: a missing input, an empty folder, two files with
+            the same case id, or a missing test image.
+    """
+    if params.input is None:
+        if test_dir is None:
+            raise InvalidInputError("No test split is recorded for this organ.")
+        found = {}
+        for case in test_cases:
+            path = test_dir / f"{case}_0000.nii.gz"
+            if not path.is_file():
+                raise InvalidInputError(
+                    "A test image is missing.",
+                    case=case,
+                    path=str(path),
+                    hint="Rerun `mobseg prepare --force` for this organ.",
+                )
+            found[case] = path
+        if not found:
+            raise InvalidInputError("The organ's test split is empty; pass --input.")
+        return found
+    src = Path(params.input)
+    if src.is_file():
+        files = [src]
+    elif src.is_dir():
+        files = _ct_files(src)
+        if not files:
+            raise InvalidInputError(
+                "The input folder holds no .nii.gz / .nii images.", path=str(src)
+            )
+    else:
+        raise InvalidInputError("The input does not exist.", path=str(src))
+    out: dict[str, Path] = {}
+    for f in files:
+        case = case_name(f)
+        if case in out:
+            raise InvalidInputError(
+                f"Two inputs have the case id {case!r}: {out[case].name} and {f.name}.",
+                path=str(src),
+            )
+        out[case] = f
+    return out
+
+
 def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecord:
-    """Predict probability, variance and entropy maps with the run of ``params``."""
-    raise NotImplementedYetError("mobseg predict")
+    """Predict probability, variance and entropy maps with the run of ``params``.
+
+    A finished record with the same parameters is returned without work
+    (unless ``force``); with other parameters (e.g. another ``--input``) the
+    prediction runs again and replaces the record.
+
+    Raises:
+        MissingStageError: the fine-tuned run (or the backbone) is missing.
+        InvalidInputError: unreadable or missing inputs.
+        ConfigurationError: bad options.
+    """
+    from mobseg.device import resolve_device
+    from mobseg.nnunet.context import prepared_dataset, pretrained_model
+    from mobseg.nnunet.presets import get_preset
+
+    if params.samples < 1:
+        raise ConfigurationError(f"--samples must be >= 1, got {params.samples}.")
+    if params.chunk < 1:
+        raise ConfigurationError(f"chunk must be >= 1, got {params.chunk}.")
+    manifest = Manifest(ws.manifest_path)
+    model = pretrained_model(manifest, params.organ)
+    tag, seed = params.tag, params.run_seed
+    if params.backbone:
+        source_key, checkpoint = model.record.key, model.checkpoint
+    else:
+        ft = manifest.require(
+            finetune_key(params.organ, tag, seed),
+            finetune_command(params.organ, params.head.method, seed),
+        )
+        source_key, checkpoint = ft.key, Path(ft.outputs["checkpoint_best"])
+    key = predict_key(params.organ, tag, seed)
+    old = manifest.get(key)
+    if old is not None and old.done and not force and old.params == params.to_dict():
+        return old
+    test_dir: Path | None = None
+    test_cases: list[str] = []
+    if params.input is None:
+        _, data = prepared_dataset(manifest, params.organ)
+        test_dir, test_cases = data.raw_dir / "imagesTs", data.splits["test"]
+    inputs = resolve_inputs(params, test_dir, test_cases)
+    out_dir = (
+        Path(params.out) if params.out is not None else ws.prediction_dir(params.organ, tag, seed)
+    )
+    device = resolve_device(params.device)
+    preset = get_preset(model.preset)
+
+    from mobseg.nnunet.env import setup_nnunet
+
+    setup_nnunet(ws, preset)
+    record_inputs = {"model": source_key, "checkpoint": str(checkpoint)}
+    with manifest.running("predict", key, params.to_dict(), record_inputs) as outputs:
+        outputs.update(
+            predict_files(
+                model, checkpoint, params, inputs, out_dir, device, preset.tile_step_size, force
+            )
+        )
+    rec = manifest.get(key)
+    assert rec is not None
+    return rec
+
+
+def predict_files(
+    model: Any,
+    checkpoint: Path,
+    params: PredictParams,
+    inputs: dict[str, Path],
+    out_dir: Path,
+    device: str,
+    tile_step_size: float = 0.5,
+    force: bool = False,
+) -> dict[str, Any]:
+    """Predict ``inputs`` into ``out_dir`` (the work of :func:`run`).
+
+    Returns:
+        The stage's outputs (see the module docstring).
+    """
+    import torch
+
+    from mobseg.core.registry import build_head
+    from mobseg.data.nifti import verify_nifti_file
+    from mobseg.nnunet.env import quiet
+    from mobseg.nnunet.export import OUTPUT_SUFFIXES, export_moments, output_paths
+    from mobseg.nnunet.network import (
+        StochasticUNet,
+        build_backbone,
+        build_network,
+        feature_channels,
+        load_backbone,
+        load_checkpoint_file,
+        load_full,
+    )
+    from mobseg.nnunet.predictor import MCPredictor
+    from mobseg.progress import progress_bar
+
+    pm, cm, dataset_json = model.load()
+    _check_reader(pm)
+    channels = len(dataset_json.get("channel_names", dataset_json.get("modality", {"0": ""})))
+    if channels != 1:
+        raise ConfigurationError(
+            f"The dataset has {channels} input channels; mobseg predicts single-channel CTs."
+        )
+    lm = pm.get_label_manager(dataset_json)
+    num_classes = lm.num_segmentation_heads
+    ckpt = load_checkpoint_file(checkpoint)
+    if params.backbone:
+        head_cfg = HeadConfig("deterministic", num_classes=num_classes)
+        backbone = build_backbone(pm, cm, channels, num_classes, deep_supervision=False)
+        network = StochasticUNet(backbone, build_head(head_cfg, feature_channels(backbone)))
+        load_backbone(network, ckpt)
+        mixing = None
+    else:
+        head_cfg = params.head
+        network = build_network(pm, cm, channels, num_classes, head_cfg, deep_supervision=False)
+        load_full(network, ckpt)
+        mixing = ckpt.get("mobseg", {}).get("inference_mixing", head_cfg.mixing)
+    point_mass = not head_cfg.stochastic
+    network = network.to(torch.device(device)).eval()
+    predictor = MCPredictor(
+        samples=params.samples,
+        chunk=params.chunk,
+        tile_step_size=tile_step_size,
+        use_mirroring=params.tta,
+        device=device,
+    )
+    predictor.setup(
+        network,
+        pm,
+        cm,
+        dataset_json,
+        ckpt.get("inference_allowed_mirroring_axes"),
+        point_mass=point_mass,
+    )
+    preprocessor = cm.preprocessor_class(verbose=False)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    done: list[str] = []
+    with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
+        for case, path in inputs.items():
+            paths = output_paths(out_dir, case)
+            if not force and all(p.exists() for p in paths.values()):
+                done.append(case)
+                advance(case=case)
+                continue
+            verify_nifti_file(path, case)
+            try:
+                with quiet():
+                    data, _, props = preprocessor.run_case([str(path)], None, pm, cm, dataset_json)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise InvalidInputError(
+                    f"nnU-Net cannot preprocess the image ({type(exc).__name__}: {exc}).",
+                    case=case,
+                    path=str(path),
+                ) from exc
+            moments = predictor.predict_moments(data)
+            export_moments(moments, props, pm, cm, num_classes, point_mass, path, out_dir, case)
+            done.append(case)
+            advance(case=case)
+    return {
+        "pred_dir": str(out_dir),
+        "cases": done,
+        "samples": 1 if point_mass else params.samples,
+        "tta": params.tta,
+        "checkpoint": str(checkpoint),
+        "point_mass": point_mass,
+        "mixing": mixing,
+        "files": list(OUTPUT_SUFFIXES),
+        "device": device,
+    }
+
+
+def _check_reader(plans_manager: Any) -> None:
+    """Exports assume SimpleITK's array order; refuse other nnU-Net readers."""
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO, SimpleITKIOWithReorient
+
+    rw = plans_manager.image_reader_writer_class
+    if not issubclass(rw, SimpleITKIO) or issubclass(rw, SimpleITKIOWithReorient):
+        raise ConfigurationError(
+            f"The plans use nnU-Net's reader {rw.__name__}; mobseg's export needs SimpleITKIO."
+        )

@@ -1,15 +1,35 @@
-"""Stage ``pretrain``: nnU-Net planning, preprocessing and backbone training."""
+"""Stage ``pretrain``: nnU-Net planning, preprocessing and backbone training.
+
+``run`` plans and preprocesses the dataset written by ``prepare`` with the
+preset's planner (:mod:`mobseg.nnunet.planning`), then trains nnU-Net's
+default trainer for fold 0 (our train/val split) with
+:class:`mobseg.nnunet.trainer.PretrainTrainer`. Training resumes from
+``checkpoint_latest.pth`` after an interruption; a finished backbone is not
+retrained unless ``force``. After training, the backbone's Dice on whole
+validation volumes is recorded (``val_dice``).
+
+Manifest key ``pretrain/<organ>``; outputs: ``dataset_name``,
+``plans_identifier``, ``plans_file``, ``dataset_json``, ``configuration``,
+``preset``, ``checkpoint`` (the final checkpoint), ``trainer_dir``,
+``epochs``, ``val_dice``.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
-from mobseg.errors import NotImplementedYetError
-from mobseg.manifest import StageRecord
+from mobseg.errors import ConfigurationError
+from mobseg.manifest import Manifest, StageRecord
+from mobseg.nnunet.presets import PRESET_NAMES, get_preset
+from mobseg.stages.keys import pretrain_key
 from mobseg.workspace import Workspace
 
-PRESETS: tuple[str, ...] = ("paper", "cpu")
+log = logging.getLogger(__name__)
+
+PRESETS: tuple[str, ...] = PRESET_NAMES
 
 
 @dataclass(frozen=True)
@@ -18,17 +38,20 @@ class PretrainParams:
 
     Attributes:
         organ: Target structure, prepared before.
-        preset: ``paper`` (ResEncL plans, nnU-Net's default training) or
-            ``cpu`` (a small plan that finishes in minutes on 2 cores).
+        preset: ``paper`` (ResEncL plans, nnU-Net's default training),
+            ``cpu`` (a small plan that finishes in minutes on 2 cores) or
+            ``micro`` (tests).
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         epochs: Override the preset's number of epochs.
-        num_gpus: GPUs for nnU-Net's own DDP training.
+        iterations: Override the preset's iterations per epoch.
+        num_gpus: GPUs for nnU-Net's own DDP training (only 1 is supported).
     """
 
     organ: str
     preset: str = "paper"
     device: str = "auto"
     epochs: int | None = None
+    iterations: int | None = None
     num_gpus: int = 1
 
     def to_dict(self) -> dict[str, Any]:
@@ -36,5 +59,113 @@ class PretrainParams:
 
 
 def run(ws: Workspace, params: PretrainParams, force: bool = False) -> StageRecord:
-    """Plan, preprocess and train the deterministic backbone of ``params.organ``."""
-    raise NotImplementedYetError("mobseg pretrain")
+    """Plan, preprocess and train the deterministic backbone of ``params.organ``.
+
+    Returns:
+        The finished record (without work if it was done already).
+
+    Raises:
+        MissingStageError: ``prepare`` has not finished for the organ.
+        ConfigurationError: a finished backbone used another preset (use
+            ``force``), more than one GPU was asked for, or a bad option.
+    """
+    from mobseg.device import resolve_device
+    from mobseg.nnunet.context import prepared_dataset
+
+    preset = get_preset(params.preset)
+    if params.num_gpus != 1:
+        raise ConfigurationError(
+            "mobseg trains on one device; --num-gpus other than 1 is not supported.",
+            "Run nnU-Net's own nnUNetv2_train for multi-GPU backbones.",
+        )
+    for name in ("epochs", "iterations"):
+        value = getattr(params, name)
+        if value is not None and value < 1:
+            raise ConfigurationError(f"--{name} must be >= 1, got {value}.")
+    manifest = Manifest(ws.manifest_path)
+    prep_rec, data = prepared_dataset(manifest, params.organ)
+    key = pretrain_key(params.organ)
+    old = manifest.get(key)
+    if old is not None and old.done and not force:
+        used = old.outputs.get("preset", old.params.get("preset"))
+        if used != params.preset:
+            raise ConfigurationError(
+                f"The backbone of {params.organ} is already trained with preset {used!r}.",
+                f"Add --force to retrain it with preset {params.preset!r} "
+                "(fine-tuned runs of the old backbone become stale).",
+            )
+        return old
+    device = resolve_device(params.device)
+
+    from mobseg.nnunet.env import setup_nnunet
+
+    setup_nnunet(ws, preset)
+    inputs = {"prepare": prep_rec.key, "dataset_name": data.dataset_name}
+    with manifest.running("pretrain", key, params.to_dict(), inputs) as outputs:
+        outputs.update(_pretrain(params, preset, data, device, force))
+    rec = manifest.get(key)
+    assert rec is not None
+    return rec
+
+
+def _pretrain(params: PretrainParams, preset: Any, data: Any, device: str, force: bool) -> dict:
+    import json
+    import os
+
+    from mobseg.nnunet.planning import plan_and_preprocess
+    from mobseg.nnunet.trainer import PretrainTrainer, backbone_dice, make_trainer
+
+    num_processes = preset.num_processes or int(os.environ.get("nnUNet_def_n_proc", "1"))
+    planned = plan_and_preprocess(
+        data.dataset_id,
+        data.dataset_name,
+        preset.plan,
+        num_processes,
+        splits={"train": data.splits["train"], "val": data.splits["val"]},
+        force=force,
+    )
+    plans = json.loads(planned.plans_file.read_text(encoding="utf-8"))
+    dataset_json_file = planned.plans_file.parent / "dataset.json"
+    dataset_json = json.loads(dataset_json_file.read_text(encoding="utf-8"))
+    epochs = params.epochs or preset.pretrain_epochs
+    iterations = params.iterations or preset.pretrain_iterations
+
+    trainer = make_trainer(
+        PretrainTrainer, plans, planned.configuration, dataset_json, device, resume=not force
+    )
+    out_dir = Path(trainer.output_folder)
+    if force:
+        for old in out_dir.glob("checkpoint_*.pth"):
+            old.unlink()
+    trainer.configure(
+        epochs, iterations, preset.pretrain_val_iterations, preset.pretrain_save_every
+    )
+    final = out_dir / "checkpoint_final.pth"
+    latest = out_dir / "checkpoint_latest.pth"
+    if final.exists():
+        log.info("backbone already trained: %s", final)
+        trainer.load_checkpoint(str(final))
+        if trainer.current_epoch < epochs:
+            log.info("continuing from epoch %d to %d", trainer.current_epoch, epochs)
+            trainer.run_training()
+    else:
+        if latest.exists():
+            log.info("resuming backbone training from %s", latest)
+            trainer.load_checkpoint(str(latest))
+        trainer.run_training()
+    val_dice = backbone_dice(trainer)
+    return {
+        "dataset_name": data.dataset_name,
+        "plans_identifier": planned.plans_identifier,
+        "plans_file": str(planned.plans_file),
+        "dataset_json": str(dataset_json_file),
+        "configuration": planned.configuration,
+        "preset": params.preset,
+        "checkpoint": str(final),
+        "trainer_dir": str(out_dir),
+        "trainer_class": type(trainer).__name__,
+        "epochs": int(trainer.current_epoch),
+        "iterations": iterations,
+        "val_dice": val_dice,
+        "device": device,
+    }

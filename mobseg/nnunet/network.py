@@ -1,0 +1,239 @@
+"""nnU-Net's network with a stochastic head on its last decoder stage.
+
+:class:`StochasticUNet` wraps the network that nnU-Net builds from its plans
+(``PlainConvUNet`` or ``ResidualEncoderUNet``) and adds one of the heads of
+:mod:`mobseg.core` (SPEC section 3). A forward hook on
+``decoder.stages[-1]`` captures the full-resolution decoder features
+h in R^{B x F x *spatial} (F = ``decoder.stages[-1].output_channels``); the
+mean logits mu are nnU-Net's own segmentation layer on h (the network's
+full-resolution output). The head turns (h, mu) into a logit distribution.
+
+- ``net(x)`` returns exactly what nnU-Net's network returns (a list of
+  deep-supervision outputs, or the full-resolution logits), so nnU-Net's code
+  paths keep working.
+- ``net(x, stochastic=True)`` returns ``(outputs, dist)`` with the head's
+  distribution over the full-resolution logits. On CUDA the head runs in
+  float32 outside autocast.
+- ``net.decoder`` is the backbone's decoder, so nnU-Net's deep-supervision
+  switch (``decoder.deep_supervision``) works on the wrapper.
+
+The backbone's parameters live under ``backbone.``, the head's under ``head.``;
+the pretrained checkpoint is loaded strictly into ``backbone`` by
+:func:`load_backbone`, and only the head keeps its fresh initialisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobseg.core.config import HeadConfig
+from mobseg.errors import ConfigurationError, InvalidInputError
+
+
+class StochasticUNet(nn.Module):
+    """nnU-Net network + stochastic head (see the module docstring).
+
+    Args:
+        backbone: The network built from nnU-Net's plans; it must have
+            ``decoder.stages`` (nnU-Net's ``UNetDecoder``).
+        head: A head of :func:`mobseg.core.registry.build_head`, called as
+            ``head(features, mu)``.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self._features: torch.Tensor | None = None
+        self._hook = self.backbone.decoder.stages[-1].register_forward_hook(self._capture)
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The backbone's decoder (nnU-Net switches deep supervision on it)."""
+        return self.backbone.decoder
+
+    @property
+    def encoder(self) -> nn.Module:
+        return self.backbone.encoder
+
+    @property
+    def feature_channels(self) -> int:
+        """F, channels of the last decoder stage's output."""
+        return feature_channels(self.backbone)
+
+    def _capture(self, _module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+        self._features = output
+
+    def forward(self, x: torch.Tensor, stochastic: bool = False) -> Any:
+        """Run the backbone, and with ``stochastic=True`` the head too.
+
+        Args:
+            x: Image patch (B, channels, *spatial).
+            stochastic: Also return the head's logit distribution.
+
+        Returns:
+            The backbone's output (list of deep-supervision logits, highest
+            resolution first, or the (B, C, *spatial) logits); with
+            ``stochastic=True`` the tuple ``(output, dist)``.
+        """
+        self._features = None
+        out = self.backbone(x)
+        if not stochastic:
+            self._features = None
+            return out
+        feats = self._features
+        self._features = None
+        if feats is None:
+            raise RuntimeError("the last decoder stage did not run; cannot read its features")
+        mu = out[0] if isinstance(out, (list, tuple)) else out
+        if feats.shape[2:] != mu.shape[2:]:
+            raise ValueError(
+                f"decoder features {tuple(feats.shape)} are not at the resolution of the "
+                f"logits {tuple(mu.shape)}"
+            )
+        ctx = (
+            torch.autocast(device_type="cuda", enabled=False)
+            if x.is_cuda
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            dist = self.head(feats.float(), mu.float())
+        return out, dist
+
+
+def feature_channels(backbone: nn.Module) -> int:
+    """F, the output channels of ``backbone.decoder.stages[-1]``."""
+    stage = backbone.decoder.stages[-1]
+    if hasattr(stage, "output_channels"):
+        return int(stage.output_channels)
+    convs = [m for m in stage.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    if not convs:
+        raise ValueError("cannot tell the channels of the last decoder stage")
+    return int(convs[-1].out_channels)
+
+
+def build_backbone(
+    plans_manager: Any,
+    configuration_manager: Any,
+    num_input_channels: int,
+    num_output_channels: int,
+    deep_supervision: bool,
+) -> nn.Module:
+    """nnU-Net's network for a configuration (as nnU-Net's trainer builds it)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    return get_network_from_plans(
+        configuration_manager.network_arch_class_name,
+        configuration_manager.network_arch_init_kwargs,
+        configuration_manager.network_arch_init_kwargs_req_import,
+        num_input_channels,
+        num_output_channels,
+        allow_init=True,
+        deep_supervision=deep_supervision,
+    )
+
+
+def build_network(
+    plans_manager: Any,
+    configuration_manager: Any,
+    num_input_channels: int,
+    num_output_channels: int,
+    head_cfg: HeadConfig,
+    deep_supervision: bool,
+) -> StochasticUNet:
+    """nnU-Net's network wrapped with the head of ``head_cfg``.
+
+    Raises:
+        ConfigurationError: ``head_cfg.num_classes`` differs from the dataset's
+            number of classes.
+    """
+    from mobseg.core.registry import build_head
+
+    if head_cfg.num_classes != num_output_channels:
+        raise ConfigurationError(
+            f"The head is configured for {head_cfg.num_classes} classes but the dataset "
+            f"has {num_output_channels}."
+        )
+    backbone = build_backbone(
+        plans_manager,
+        configuration_manager,
+        num_input_channels,
+        num_output_channels,
+        deep_supervision,
+    )
+    head = build_head(head_cfg, feature_channels(backbone))
+    return StochasticUNet(backbone, head)
+
+
+def _strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        for prefix in ("module.", "_orig_mod."):
+            if key.startswith(prefix):
+                key = key[len(prefix) :]
+        out[key] = value
+    return out
+
+
+def load_checkpoint_file(path: str | Path) -> dict[str, Any]:
+    """Read an nnU-Net / mobseg checkpoint on the CPU.
+
+    Raises:
+        InvalidInputError: missing or unreadable file.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise InvalidInputError("The checkpoint does not exist.", path=str(p))
+    try:
+        return torch.load(p, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure is a broken file
+        raise InvalidInputError(
+            f"The checkpoint cannot be read ({type(exc).__name__}: {exc}).",
+            path=str(p),
+            hint="Retrain the stage with --force.",
+        ) from exc
+
+
+def load_backbone(network: StochasticUNet, checkpoint: str | Path | dict[str, Any]) -> None:
+    """Load pretrained nnU-Net weights strictly into ``network.backbone``.
+
+    Every backbone key, segmentation layers included, must be present and of
+    the same shape; the head is left as it was initialised.
+
+    Raises:
+        InvalidInputError: the checkpoint does not fit the backbone (the
+            message lists missing and unexpected keys).
+    """
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(checkpoint)
+    state = _strip_prefixes(ckpt.get("network_weights", ckpt))
+    try:
+        network.backbone.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InvalidInputError(
+            "The pretrained checkpoint does not fit the planned network: "
+            + " ".join(line.strip() for line in first[:3]),
+            path=None if isinstance(checkpoint, dict) else str(checkpoint),
+            hint="Rerun `mobseg pretrain --force` with the same preset.",
+        ) from exc
+
+
+def load_full(network: StochasticUNet, checkpoint: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """Load a fine-tuned checkpoint (backbone and head) strictly; returns the checkpoint."""
+    ckpt = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(checkpoint)
+    state = _strip_prefixes(ckpt["network_weights"])
+    try:
+        network.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise InvalidInputError(
+            "The fine-tuned checkpoint does not fit its method's network: "
+            + str(exc).strip().splitlines()[0],
+            path=None if isinstance(checkpoint, dict) else str(checkpoint),
+            hint="Use the same --method options as for finetune, or rerun finetune --force.",
+        ) from exc
+    return ckpt

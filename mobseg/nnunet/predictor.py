@@ -1,0 +1,200 @@
+"""Monte-Carlo sliding-window inference on nnU-Net's predictor (SPEC section 5).
+
+This module imports nnunetv2: import it after
+:func:`mobseg.nnunet.env.setup_nnunet`.
+
+:class:`MCPredictor` subclasses nnU-Net's ``nnUNetPredictor`` and keeps its
+padding, tiling and Gaussian weighting, but changes what a tile produces and
+what is stitched:
+
+1. per tile, ONE forward pass of the backbone gives the decoder features and
+   mu; the head's distribution is sampled k times (in chunks, never k
+   full-volume tensors) and reduced to three moments per voxel,
+   E[p] (C channels), E[p^2] (C channels) and E[H(p)] (1 channel), with
+   H(p) = -sum_c p_c ln p_c (see :func:`mobseg.core.inference.mc_moments`);
+2. mirrored passes (``--tta``) are more samples: their moments are averaged
+   with equal weight;
+3. the 2C+1 moment channels of all tiles are stitched with nnU-Net's Gaussian
+   importance weights g: M(v) = sum_t g_t(v) m_t(v) / sum_t g_t(v), in float32;
+4. from the stitched moments: Var[p] = E[p^2] - E[p]^2, the predictive entropy
+   H(E[p]) and the mutual information H(E[p]) - E[H(p)] (done at export,
+   :mod:`mobseg.nnunet.export`).
+
+Memory: the accumulators hold (2C+1) float32 values per voxel plus one weight
+map, whatever k is.
+
+A point-mass distribution (the ``deterministic`` method and the pretrained
+backbone) is sampled once (k = 1): its samples are all equal.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any
+
+import numpy as np
+import torch
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.inference.sliding_window_prediction import compute_gaussian
+
+from mobseg.nnunet.env import quiet
+
+log = logging.getLogger(__name__)
+
+
+def tile_moments(dist: Any, k: int, chunk: int) -> torch.Tensor:
+    """The 2C+1 moment channels of one tile.
+
+    Args:
+        dist: A logit distribution of :mod:`mobseg.core` over (B, C, *spatial).
+        k: Monte-Carlo samples.
+        chunk: Samples drawn at once.
+
+    Returns:
+        (B, 2C+1, *spatial): E[p] (channels 0..C-1), E[p^2] (C..2C-1),
+        E[H(p)] (last channel), float32.
+    """
+    from mobseg.core.inference import mc_moments
+
+    mom = mc_moments(dist, k, chunk)
+    mean_p = mom.mean_p
+    ent = mom.mean_entropy
+    if ent.dim() == mean_p.dim() - 1:
+        ent = ent.unsqueeze(1)
+    if ent.shape[1] != 1 or mean_p.shape != mom.mean_p2.shape:
+        raise ValueError(
+            f"unexpected moment shapes: mean_p {tuple(mean_p.shape)}, mean_p2 "
+            f"{tuple(mom.mean_p2.shape)}, mean_entropy {tuple(mom.mean_entropy.shape)}"
+        )
+    return torch.cat([mean_p.float(), mom.mean_p2.float(), ent.float()], dim=1)
+
+
+class MCPredictor(nnUNetPredictor):
+    """nnU-Net predictor that stitches Monte-Carlo moments (see the module docstring).
+
+    Args:
+        samples: k, samples of the logits per tile (and per mirrored pass).
+        chunk: Samples drawn at once (bounds the memory of one tile).
+        tile_step_size: Sliding-window step as a fraction of the patch.
+        use_mirroring: Mirroring test-time augmentation.
+        device: Torch device.
+    """
+
+    def __init__(
+        self,
+        samples: int = 30,
+        chunk: int = 10,
+        tile_step_size: float = 0.5,
+        use_mirroring: bool = False,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        device = torch.device(device)
+        with quiet():
+            super().__init__(
+                tile_step_size=tile_step_size,
+                use_gaussian=True,
+                use_mirroring=use_mirroring,
+                perform_everything_on_device=device.type == "cuda",
+                device=device,
+                verbose=False,
+                verbose_preprocessing=False,
+                allow_tqdm=False,
+            )
+        if samples < 1:
+            raise ValueError(f"samples must be >= 1, got {samples}")
+        self.samples = samples
+        self.chunk = max(1, chunk)
+        self.point_mass = False
+
+    def setup(
+        self,
+        network: torch.nn.Module,
+        plans_manager: Any,
+        configuration_manager: Any,
+        dataset_json: dict[str, Any],
+        mirror_axes: tuple[int, ...] | None,
+        point_mass: bool,
+        trainer_name: str = "mobseg",
+    ) -> None:
+        """Give the predictor its network (a :class:`StochasticUNet`) and plans."""
+        with quiet():
+            self.manual_initialization(
+                network,
+                plans_manager,
+                configuration_manager,
+                None,
+                dataset_json,
+                trainer_name,
+                tuple(mirror_axes) if mirror_axes is not None else (0, 1, 2),
+            )
+        self.point_mass = point_mass
+
+    @property
+    def num_moment_channels(self) -> int:
+        return 2 * self.label_manager.num_segmentation_heads + 1
+
+    @torch.inference_mode()
+    def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
+        k = 1 if self.point_mass else self.samples
+        axes_sets: list[tuple[int, ...]] = [()]
+        if self.use_mirroring and self.allowed_mirroring_axes is not None:
+            mirror = [a + 2 for a in self.allowed_mirroring_axes]
+            axes_sets += [
+                c for n in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, n)
+            ]
+        total: torch.Tensor | None = None
+        for axes in axes_sets:
+            xin = torch.flip(x, axes) if axes else x
+            _, dist = self.network(xin, stochastic=True)
+            mom = tile_moments(dist, k, self.chunk)
+            if axes:
+                mom = torch.flip(mom, axes)
+            total = mom if total is None else total + mom
+        assert total is not None
+        return total / len(axes_sets)
+
+    @torch.inference_mode()
+    def _internal_predict_sliding_window_return_logits(
+        self, data: torch.Tensor, slicers: Any, do_on_device: bool = True
+    ) -> torch.Tensor:
+        results_device = self.device if do_on_device else torch.device("cpu")
+        data = data.to(results_device)
+        shape = tuple(data.shape[1:])
+        acc = torch.zeros(
+            (self.num_moment_channels, *shape), dtype=torch.float32, device=results_device
+        )
+        weight = torch.zeros(shape, dtype=torch.float32, device=results_device)
+        gaussian = compute_gaussian(
+            tuple(self.configuration_manager.patch_size),
+            sigma_scale=1.0 / 8,
+            value_scaling_factor=10,
+            device=results_device,
+        ).float()
+        for sl in slicers:
+            tile = torch.clone(data[sl][None], memory_format=torch.contiguous_format)
+            mom = self._internal_maybe_mirror_and_predict(tile.to(self.device))[0]
+            acc[sl] += mom.to(results_device) * gaussian
+            weight[sl[1:]] += gaussian
+        acc /= weight
+        if not torch.isfinite(acc).all():
+            raise RuntimeError("non-finite values in the stitched moments")
+        return acc
+
+    def predict_moments(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stitched moments of a preprocessed case.
+
+        Args:
+            data: Preprocessed image (channels, *spatial) as nnU-Net's
+                preprocessor returns it.
+
+        Returns:
+            (2C+1, *spatial) float32 on the CPU: E[p], E[p^2], E[H(p)].
+        """
+        tensor = (
+            torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
+        )
+        self.network.eval()
+        with quiet():
+            out = self.predict_sliding_window_return_logits(tensor.float())
+        return out.float().cpu()
