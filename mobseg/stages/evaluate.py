@@ -1,15 +1,74 @@
-"""Stage ``evaluate``: per-case and pooled metrics (SPEC section 6)."""
+"""Stage ``evaluate``: per-case and pooled metrics (SPEC sections 6 and 7).
+
+Two modes:
+
+- **Study mode** (``--organ``, optionally ``--method``/``--seed``): every
+  finished ``predict/<organ>/<tag>/seed<S>`` record of the manifest is scored
+  against the organ's test labels (``prepare/<organ>`` output ``raw_dir``,
+  ``labelsTs/<case>.nii.gz``). Each run writes
+  ``<workdir>/evaluation/<organ>/<tag>/seed<S>/metrics.csv`` (one row per case
+  plus ``ALL``) and ``reliability.json`` (pooled bins), and the record
+  ``evaluate/<organ>/<tag>/seed<S>`` with outputs ``metrics_csv``,
+  ``reliability_json`` and ``summary`` (the ``ALL`` row's numbers). With
+  ``--region roi`` the files are ``metrics_roi.csv``/``reliability_roi.json``
+  and the key ends in ``/roi``. A finished evaluation is skipped unless
+  ``force`` or its prediction finished later (re-predicted).
+  GED uses ``mobseg.data.references.reference_masks`` and the phantom's error
+  of p uses ``true_probability`` when that module exists.
+- **Standalone mode** (``--pred DIR --gt DIR --out FILE.csv``): any folder of
+  ``<case>_prob.nii.gz`` files is scored against ``<case>.nii.gz`` masks; no
+  manifest record is written.
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mobseg import progress
 from mobseg.core.config import HeadConfig
-from mobseg.errors import NotImplementedYetError
-from mobseg.manifest import StageRecord
+from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError, MobsegError
+from mobseg.manifest import Manifest, StageRecord
+from mobseg.stages.keys import (
+    evaluate_key,
+    predict_command,
+    predict_key,
+    prepare_command,
+    prepare_key,
+)
 from mobseg.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+REGIONS = ("all", "roi")
+
+#: Numbers of the ``ALL`` row copied into a record's ``summary``.
+SUMMARY_KEYS = (
+    "dice",
+    "dice_std",
+    "nll",
+    "brier",
+    "ece",
+    "mce",
+    "auroc_var",
+    "auprc_var",
+    "auroc_entropy",
+    "auprc_entropy",
+    "aurc_var",
+    "eaurc_var",
+    "aurc_entropy",
+    "eaurc_entropy",
+    "ged2",
+    "diversity",
+    "pstar_mae",
+    "pstar_rmse",
+    "n_cases",
+    "n_nan_dice",
+)
 
 
 @dataclass(frozen=True)
@@ -17,12 +76,13 @@ class EvaluateParams:
     """Options of ``mobseg evaluate``.
 
     Study mode evaluates predicted runs of the manifest (``organ``, optionally
-    narrowed by ``head`` and ``seed``). Standalone mode (``pred``, ``gt``,
-    ``out``) scores any folder of predictions against a folder of masks.
+    narrowed by ``head`` and ``seed``; no organ = every organ). Standalone mode
+    (``pred``, ``gt``, ``out``) scores any folder of predictions against a
+    folder of masks.
 
     Attributes:
-        organ: Target structure (study mode).
-        head: Only this method's runs (study mode); None = all predicted runs.
+        organ: Target structure (study mode); None = all organs with predictions.
+        head: Only this method's runs (matched by ``head.tag()``); None = all.
         seed: Only this seed (study mode); None = all seeds.
         pred: Folder with ``<case>_prob.nii.gz`` (standalone mode).
         gt: Folder with ``<case>.nii.gz`` 0/1 masks (standalone mode).
@@ -47,7 +107,241 @@ class EvaluateParams:
             d[k] = None if d[k] is None else str(d[k])
         return d
 
+    @property
+    def standalone(self) -> bool:
+        return any(v is not None for v in (self.pred, self.gt, self.out))
+
+
+def _json_number(v: Any) -> Any:
+    if isinstance(v, float) and math.isnan(v):
+        return None
+    return v
+
+
+def _summary(pooled: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for k in SUMMARY_KEYS:
+        v = pooled.get(k)
+        if k.startswith("n_") and v is not None and not (isinstance(v, float) and math.isnan(v)):
+            out[k] = int(v)
+        else:
+            out[k] = _json_number(None if v is None else float(v))
+    return out
+
+
+def resolve_path(ws: Workspace, value: str | Path) -> Path:
+    """A manifest output path: absolute as is, relative ones under the workdir."""
+    p = Path(value)
+    return p if p.is_absolute() else ws.root / p
+
+
+def _relative(ws: Workspace, path: Path) -> str:
+    try:
+        return str(path.relative_to(ws.root))
+    except ValueError:
+        return str(path)
+
+
+def _optional_references(ws: Workspace, organ: str, case: str) -> tuple[list[Path], Path | None]:
+    """Reference masks (when >= 2) and p* from :mod:`mobseg.data.references`.
+
+    Missing raters are not an error for evaluation: GED and the p* error are
+    then left empty and a warning says why.
+    """
+    try:
+        from mobseg.data import references as refs_mod
+    except ImportError:
+        return [], None
+    try:
+        refs = [Path(p) for p in refs_mod.reference_masks(ws, organ, case)]
+        got = refs_mod.true_probability(ws, organ, case)
+    except (MobsegError, KeyError) as exc:
+        log.warning("Case %s: no reference masks for GED (%s).", case, exc)
+        return [], None
+    return (refs if len(refs) >= 2 else []), (None if got is None else Path(got))
+
+
+def _standalone(params: EvaluateParams) -> list[StageRecord]:
+    from mobseg.metrics.io import evaluate_many, standalone_cases, write_metrics_csv
+
+    if params.pred is None or params.gt is None or params.out is None:
+        raise ConfigurationError(
+            "Standalone evaluation needs --pred, --gt and --out together.",
+            "Example: mobseg evaluate --pred preds/ --gt labels/ --out metrics.csv",
+        )
+    if params.organ is not None or params.head is not None or params.seed is not None:
+        raise ConfigurationError(
+            "--pred/--gt/--out (standalone) cannot be combined with --organ, --method or --seed."
+        )
+    cases = standalone_cases(Path(params.pred), Path(params.gt))
+    with progress.progress_bar("evaluate (standalone)", total=len(cases)) as advance:
+        acc = evaluate_many(cases, params.region, params.margin, on_case=lambda _c: advance())
+    pooled = acc.pooled_row()
+    out = Path(params.out)
+    write_metrics_csv(out, acc.rows, pooled)
+    summary = _summary(pooled)
+    outputs: dict[str, Any] = {"metrics_csv": str(out)}
+    outputs.update({k: v for k, v in summary.items() if v is not None})
+    return [
+        StageRecord(
+            stage="evaluate",
+            key="evaluate (standalone)",
+            params=params.to_dict(),
+            outputs=outputs,
+            status="done",
+        )
+    ]
+
+
+def _parse_key(key: str) -> tuple[str, str, int]:
+    parts = key.split("/")
+    if len(parts) != 4 or not parts[3].startswith("seed"):
+        raise ValueError(f"Not a run key: {key!r}")
+    return parts[1], parts[2], int(parts[3][4:])
+
+
+def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[StageRecord]:
+    prefix = f"predict/{params.organ}/" if params.organ else "predict/"
+    chosen = []
+    for rec in manifest.find("predict", prefix):
+        try:
+            _organ, tag, seed = _parse_key(rec.key)
+        except ValueError:
+            continue
+        if params.head is not None and tag != params.head.tag():
+            continue
+        if params.seed is not None and seed != params.seed:
+            continue
+        if not rec.done:
+            log.warning("Skipping %s: its status is %s.", rec.key, rec.status)
+            continue
+        chosen.append(rec)
+    if chosen:
+        return chosen
+    organ = params.organ or "<organ>"
+    method = params.head.method if params.head is not None else "mob"
+    if params.head is not None and params.seed is not None:
+        key = predict_key(organ, params.head.tag(), params.seed)
+    else:
+        key = prefix.rstrip("/") + ("" if params.organ else "/<organ>")
+    raise MissingStageError(
+        key, predict_command(organ, method, params.seed if params.seed is not None else 0)
+    )
+
+
+def _test_cases(ws: Workspace, manifest: Manifest, organ: str) -> tuple[Path, list[str]]:
+    prep = manifest.require(prepare_key(organ), prepare_command(organ))
+    raw = prep.outputs.get("raw_dir")
+    if not raw:
+        raise InvalidInputError(
+            f"The record {prepare_key(organ)} has no raw_dir output.",
+            hint=f"Rerun `{prepare_command(organ)} --force`.",
+        )
+    labels = resolve_path(ws, raw) / "labelsTs"
+    if not labels.is_dir():
+        raise InvalidInputError(
+            "The test labels folder does not exist.",
+            path=str(labels),
+            hint=f"Rerun `{prepare_command(organ)} --force`.",
+        )
+    cases = sorted(p.name[: -len(".nii.gz")] for p in labels.glob("*.nii.gz"))
+    if not cases:
+        raise InvalidInputError("No test labels (<case>.nii.gz) found.", path=str(labels))
+    return labels, cases
+
+
+def _evaluate_run(
+    ws: Workspace,
+    manifest: Manifest,
+    pred_rec: StageRecord,
+    params: EvaluateParams,
+    force: bool,
+) -> StageRecord:
+    from mobseg.metrics.io import (
+        atomic_write_text,
+        evaluate_many,
+        prediction_files,
+        write_metrics_csv,
+    )
+
+    organ, tag, seed = _parse_key(pred_rec.key)
+    roi = params.region == "roi"
+    key = evaluate_key(organ, tag, seed) + ("/roi" if roi else "")
+    old = manifest.get(key)
+    if old is not None and old.done and not force:
+        stale = bool(pred_rec.finished and old.finished and pred_rec.finished > old.finished)
+        if not stale:
+            log.info("%s is done; skipping (use --force to redo).", key)
+            return old
+        log.info("%s is older than its prediction; evaluating again.", key)
+
+    labels, cases = _test_cases(ws, manifest, organ)
+    pred_dir = resolve_path(
+        ws, pred_rec.outputs.get("pred_dir") or ws.prediction_dir(organ, tag, seed)
+    )
+    files = []
+    for case in cases:
+        f = prediction_files(pred_dir, case, labels / f"{case}.nii.gz")
+        f.references, f.true_prob = _optional_references(ws, organ, case)
+        files.append(f)
+
+    head = pred_rec.params.get("head") or {}
+    run_params = {
+        "organ": organ,
+        "tag": tag,
+        "seed": seed,
+        "method": head.get("method", "deterministic" if tag == "backbone" else None),
+        "bases": head.get("bases"),
+        "head": head or None,
+        "region": params.region,
+        "margin": params.margin,
+    }
+    out_dir = ws.evaluation_dir(organ, tag, seed)
+    suffix = "_roi" if roi else ""
+    csv_path = out_dir / f"metrics{suffix}.csv"
+    rel_path = out_dir / f"reliability{suffix}.json"
+    inputs = {"predict": pred_rec.key, "pred_dir": str(pred_dir), "labels": str(labels)}
+    with manifest.running("evaluate", key, run_params, inputs) as outputs:
+        with progress.progress_bar(f"evaluate {organ}/{tag}/seed{seed}", len(files)) as adv:
+            acc = evaluate_many(files, params.region, params.margin, on_case=lambda _c: adv())
+        pooled = acc.pooled_row()
+        write_metrics_csv(csv_path, acc.rows, pooled)
+        reliability = acc.calibration.reliability().to_dict()
+        atomic_write_text(rel_path, json.dumps(reliability, indent=1))
+        outputs.update(
+            metrics_csv=_relative(ws, csv_path),
+            reliability_json=_relative(ws, rel_path),
+            pred_dir=_relative(ws, pred_dir),
+            summary=_summary(pooled),
+            n_cases=len(files),
+        )
+    rec = manifest.get(key)
+    if rec is None:  # pragma: no cover - written just above
+        raise RuntimeError(f"record {key} vanished")
+    return rec
+
 
 def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[StageRecord]:
-    """Evaluate; returns the records written (empty in standalone mode)."""
-    raise NotImplementedYetError("mobseg evaluate")
+    """Evaluate.
+
+    Returns:
+        Study mode: the evaluate records (new or skipped as done). Standalone
+        mode: one record that is *not* stored in the manifest, whose outputs
+        are the CSV path and the pooled numbers.
+
+    Raises:
+        ConfigurationError: unknown region, negative margin, half a standalone call.
+        MissingStageError: no finished prediction (or preparation) to evaluate.
+        InvalidInputError: a missing, mismatched or invalid file (names the case).
+    """
+    if params.region not in REGIONS:
+        raise ConfigurationError(f"--region must be all or roi, got {params.region!r}.")
+    if params.margin < 0:
+        raise ConfigurationError(f"--margin must be >= 0, got {params.margin}.")
+    if params.standalone:
+        return _standalone(params)
+    manifest = Manifest(ws.manifest_path)
+    return [
+        _evaluate_run(ws, manifest, rec, params, force)
+        for rec in _select_predictions(manifest, params)
+    ]
