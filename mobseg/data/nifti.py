@@ -11,7 +11,8 @@ Reading verifies what SimpleITK does not:
   (SimpleITK silently fills a truncated ``.nii.gz`` with zeros);
 - the NIfTI header's data block fits in the decompressed bytes (a complete
   gzip of a cut-off file is caught the same way);
-- floating-point images hold only finite values.
+- floating-point images hold only finite values, checked on the stored bytes
+  (SimpleITK's NIfTI reader silently reads NaN and infinity as 0).
 
 Writing is atomic: a temporary file in the destination folder, then
 ``os.replace``, so nothing under a final name is ever half-written.
@@ -176,8 +177,37 @@ def check_same_geometry(
 
 
 # -- verified reading --------------------------------------------------------------
-def _header_data_end(head: bytes) -> int | None:
-    """Bytes a single-file NIfTI needs (header + data), from its first 540 bytes.
+@dataclass(frozen=True)
+class _Header:
+    """What verification needs from a NIfTI-1/2 header."""
+
+    offset: int  # first data byte
+    end: int  # one past the last data byte
+    float_dtype: np.dtype | None  # numpy dtype of floating-point data, else None
+
+
+@dataclass(frozen=True)
+class NiftiFileInfo:
+    """The result of :func:`verify_nifti_file`.
+
+    Attributes:
+        nbytes: Decompressed size of the file.
+        datatype: NIfTI datatype code (4 = int16, 16 = float32, ...).
+        n_nan: NaN voxels in the stored data (floating-point types only).
+        n_inf: Infinite voxels in the stored data (floating-point types only).
+    """
+
+    nbytes: int
+    datatype: int
+    n_nan: int = 0
+    n_inf: int = 0
+
+
+_FLOAT_CODES = {16: "f4", 64: "f8"}
+
+
+def _parse_header(head: bytes) -> tuple[_Header, int] | None:
+    """(header facts, datatype) of a single-file NIfTI from its first 540 bytes.
 
     Returns None when ``head`` is not a NIfTI-1/2 header.
     """
@@ -204,18 +234,51 @@ def _header_data_end(head: bytes) -> int | None:
         for d in dims[1 : ndim + 1]:
             voxels *= max(int(d), 1)
         offset = max(int(vox_offset), first)
-        return offset + voxels * _NIFTI_BYTES[datatype]
+        code = _FLOAT_CODES.get(int(datatype))
+        dtype = np.dtype(endian + code) if code else None
+        return _Header(offset, offset + voxels * _NIFTI_BYTES[datatype], dtype), int(datatype)
     return None
+
+
+class _FiniteCounter:
+    """Counts NaN and infinite values of a float data block fed in pieces."""
+
+    def __init__(self, header: _Header) -> None:
+        if header.float_dtype is None:
+            raise ValueError("_FiniteCounter needs a floating-point data type")
+        self.header = header
+        self.dtype: np.dtype = header.float_dtype
+        self.pos = 0  # bytes of the file seen so far
+        self.carry = b""
+        self.n_nan = 0
+        self.n_inf = 0
+
+    def feed(self, chunk: bytes) -> None:
+        start, end = self.pos, self.pos + len(chunk)
+        self.pos = end
+        lo = max(start, self.header.offset) - start
+        hi = min(end, self.header.end) - start
+        if hi <= lo:
+            return
+        data = self.carry + chunk[lo:hi]
+        usable = len(data) - len(data) % self.dtype.itemsize
+        self.carry = data[usable:]
+        values = np.frombuffer(data[:usable], dtype=self.dtype)
+        nan = np.isnan(values)
+        self.n_nan += int(nan.sum())
+        self.n_inf += int(np.isinf(values).sum())
 
 
 def verify_nifti_file(
     path: str | os.PathLike[str], case: str | None = None, display: str | None = None
-) -> int:
+) -> NiftiFileInfo:
     """Check a ``.nii`` / ``.nii.gz`` file completely, without trusting SimpleITK.
 
     The gzip stream (if any) is decompressed to the end, which checks its CRC
     and length; the NIfTI header must be valid and its data block must be
-    present in full.
+    present in full. Floating-point data are scanned for NaN and infinite
+    values on the way, because SimpleITK's NIfTI reader silently turns them
+    into 0 (measured with SimpleITK 2.x); the counts are returned, not raised.
 
     Args:
         path: The file.
@@ -224,7 +287,7 @@ def verify_nifti_file(
             ``archive.zip!s0001/ct.nii.gz`` for a member copied out of a zip.
 
     Returns:
-        The number of (decompressed) bytes.
+        Size, datatype and non-finite counts of the file.
 
     Raises:
         InvalidInputError: missing file, truncated or corrupt gzip stream, not a
@@ -244,6 +307,9 @@ def verify_nifti_file(
             path=shown,
         )
     head = b""
+    parsed: tuple[_Header, int] | None = None
+    counter: _FiniteCounter | None = None
+    pending: list[bytes] = []
     total = 0
     try:
         opener = gzip.open if gzipped else open
@@ -252,9 +318,20 @@ def verify_nifti_file(
                 chunk = fh.read(_CHUNK)
                 if not chunk:
                     break
-                if len(head) < 540:
-                    head += chunk[: 540 - len(head)]
                 total += len(chunk)
+                if parsed is None and len(head) < 540:
+                    head += chunk[: 540 - len(head)]
+                    pending.append(chunk)
+                    if len(head) >= 540:
+                        parsed = _parse_header(head)
+                        if parsed is not None and parsed[0].float_dtype is not None:
+                            counter = _FiniteCounter(parsed[0])
+                            for piece in pending:
+                                counter.feed(piece)
+                        pending = []
+                    continue
+                if counter is not None:
+                    counter.feed(chunk)
     except (EOFError, OSError, zlib.error) as exc:
         raise InvalidInputError(
             f"Truncated or corrupt gzip stream ({exc}).",
@@ -262,17 +339,43 @@ def verify_nifti_file(
             path=shown,
             hint="Download or extract the file again.",
         ) from exc
-    needed = _header_data_end(head)
-    if needed is None:
+    if parsed is None:  # a file shorter than 540 bytes
+        parsed = _parse_header(head)
+        if parsed is not None and parsed[0].float_dtype is not None:
+            counter = _FiniteCounter(parsed[0])
+            for piece in pending:
+                counter.feed(piece)
+    if parsed is None:
         raise InvalidInputError("Not a NIfTI file (no valid NIfTI header).", case=case, path=shown)
-    if total < needed:
+    header, datatype = parsed
+    if total < header.end:
         raise InvalidInputError(
-            f"The image data is truncated: {total} of {needed} bytes present.",
+            f"The image data is truncated: {total} of {header.end} bytes present.",
             case=case,
             path=shown,
             hint="Download or extract the file again.",
         )
-    return total
+    return NiftiFileInfo(
+        nbytes=total,
+        datatype=datatype,
+        n_nan=counter.n_nan if counter else 0,
+        n_inf=counter.n_inf if counter else 0,
+    )
+
+
+def _raise_non_finite(n_nan: int, n_inf: int, case: str | None, path: str | None) -> None:
+    raise InvalidInputError(
+        f"The image holds {n_nan} NaN and {n_inf} infinite voxels.",
+        case=case,
+        path=path,
+        hint="Replace non-finite values or exclude the case.",
+    )
+
+
+def check_finite_file(info: NiftiFileInfo, case: str | None, path: str | None) -> None:
+    """Raise if :func:`verify_nifti_file` found NaN or infinite voxels."""
+    if info.n_nan or info.n_inf:
+        _raise_non_finite(info.n_nan, info.n_inf, case, path)
 
 
 def read_image(
@@ -288,7 +391,9 @@ def read_image(
     Args:
         path: A ``.nii.gz`` or ``.nii`` file.
         case: The case id, for messages.
-        check_finite: Refuse NaN or infinite voxels (floating-point images).
+        check_finite: Refuse NaN or infinite voxels (floating-point images),
+            both in the stored data (found by verification; SimpleITK would
+            read them as 0) and in the image as read.
         verify: Run :func:`verify_nifti_file` first (always, unless the caller
             has just done it).
         display: How to name the file in messages (default: ``path``).
@@ -302,7 +407,9 @@ def read_image(
     """
     shown = display or str(path)
     if verify:
-        verify_nifti_file(path, case, shown)
+        info = verify_nifti_file(path, case, shown)
+        if check_finite:
+            check_finite_file(info, case, shown)
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -327,12 +434,7 @@ def check_finite_image(
         return
     n_nan = int(np.isnan(arr).sum())
     n_inf = int(arr.size - finite.sum() - n_nan)
-    raise InvalidInputError(
-        f"The image holds {n_nan} NaN and {n_inf} infinite voxels.",
-        case=case,
-        path=None if path is None else str(path),
-        hint="Replace non-finite values or exclude the case.",
-    )
+    _raise_non_finite(n_nan, n_inf, case, None if path is None else str(path))
 
 
 def binary_mask_array(
@@ -449,9 +551,7 @@ def write_array(
 
 
 # -- resampling --------------------------------------------------------------------
-def resample_to_spacing(
-    image: sitk.Image, spacing_mm: float, is_mask: bool = False
-) -> sitk.Image:
+def resample_to_spacing(image: sitk.Image, spacing_mm: float, is_mask: bool = False) -> sitk.Image:
     """Resample an image to isotropic ``spacing_mm`` over the same physical extent.
 
     The new grid keeps the origin (centre of the first voxel) and the

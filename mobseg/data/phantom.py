@@ -6,7 +6,8 @@ so 5 mm voxels at 64^3), RAS like TotalSegmentator (SimpleITK direction
 subcutaneous fat (-100), an abdominal wall (50), visceral fat (-90) and soft
 tissue (35) inside, bowel gas (-950), a vertebra (cancellous 250, cortex 700),
 paraspinal muscles (55), the aorta (180), a liver (60), two kidneys (150) and
-the target organ (90..130 HU, per case). A Gaussian point-spread function
+the target organ (90..130 HU, per case) in a bed of fat (``fat_bed_mm``,
+like the retroperitoneal fat around the pancreas). A Gaussian point-spread function
 (partial volume) and spatially correlated Gaussian noise (``noise_hu``) finish
 the image.
 
@@ -65,6 +66,7 @@ from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
+from filelock import FileLock
 from scipy import ndimage, special
 
 from mobseg import progress
@@ -98,6 +100,7 @@ class PhantomConfig:
         deform_mm: Amplitude of the smooth shape deformation.
         deform_corr_mm: Correlation length of the deformation.
         noise_hu: Standard deviation of the image noise (HU).
+        fat_bed_mm: Thickness of the fat around the organ (latent f > -fat_bed_mm).
     """
 
     num_cases: int = 40
@@ -111,6 +114,7 @@ class PhantomConfig:
     deform_mm: float = 4.0
     deform_corr_mm: float = 30.0
     noise_hu: float = 12.0
+    fat_bed_mm: float = 10.0
 
     def __post_init__(self) -> None:
         if self.num_cases < 1:
@@ -291,6 +295,9 @@ def generate_case(cfg: PhantomConfig, index: int) -> PhantomCase:
         rho = _ellipsoid_norm(coords, centre, axes, _rotation(rng))
         deform = gaussian_random_field(shape, cfg.deform_corr_mm / h, rng)[0]
         latent = float(axes.mean()) * (1.0 - rho) + cfg.deform_mm * deform
+        # the organ sits in a bed of fat (like the pancreas), without gas or other soft tissue
+        bed = (latent > -cfg.fat_bed_mm) & (hu < 100.0)
+        hu[bed] = -90.0
         noise = gaussian_random_field(shape, cfg.noise_corr_mm / h, rng, n=cfg.annotators)
         masks = (latent[None] + sigma * noise > 0).astype(np.uint8)
         p_true = special.ndtr(latent / sigma)
@@ -405,6 +412,13 @@ def ensure_phantom(
         ConfigurationError: ``root`` holds a different phantom and ``force`` is False.
     """
     root = Path(root)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    # Several organs may be prepared at once (``mobseg study --jobs``): one at a time here.
+    with FileLock(str(root.parent / f".{root.name}.lock")):
+        return _ensure_phantom_locked(root, organ, cfg, force)
+
+
+def _ensure_phantom_locked(root: Path, organ: str, cfg: PhantomConfig, force: bool) -> Path:
     wanted = {"version": PHANTOM_VERSION, **cfg.to_dict()}
     current = read_config(root)
     if current is not None and current.get("config") != wanted:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -47,12 +48,9 @@ def _record(ws: Workspace, organ: str) -> StageRecord:
     return Manifest(ws.manifest_path).require(prepare_key(organ), prepare_command(organ))
 
 
-def multilabel_paths(root: str | os.PathLike[str], case: str) -> tuple[Path, Path] | None:
-    """(volume, labels.json) of a case's multi-label reference in a folder, or None."""
-    ref = Path(root) / REFERENCE_DIR
-    vol = ref / f"{case}_total_multilabel.nii.gz"
-    labels = ref / f"{case}_total_multilabel.labels.json"
-    return (vol, labels) if vol.is_file() and labels.is_file() else None
+def multilabel_names(case: str) -> tuple[str, str]:
+    """File names (volume, label table) of a case's multi-label reference in ``reference/``."""
+    return f"{case}_total_multilabel.nii.gz", f"{case}_total_multilabel.labels.json"
 
 
 def label_value(labels_json: str | os.PathLike[str], organ: str) -> int:
@@ -139,16 +137,21 @@ def reference_masks(ws: Workspace, organ: str, case: str) -> list[Path]:
                     img = read_image(tmp, case, display=source.location(case, mask_relpath(organ)))
                     write_array(sitk.GetArrayFromImage(img), img, first)
             found = [first]
-            extra = None
         else:
             found = [Path(source.location(case, mask_relpath(organ)))]
-            extra = multilabel_paths(source.root, case)  # type: ignore[attr-defined]
-        if extra is not None:
+        vol_name, labels_name = multilabel_names(case)
+        if source.exists(REFERENCE_DIR, vol_name) and source.exists(REFERENCE_DIR, labels_name):
             second = cache / "rater1.nii.gz"
             if not second.exists():
                 like = read_image(found[0], case)
-                extract_organ_mask(extra[0], extra[1], organ, second, like=like, case=case)
+                tmp_dir = cache / ".tmp"
+                with (
+                    source.local_file(REFERENCE_DIR, vol_name, tmp_dir) as vol,
+                    source.local_file(REFERENCE_DIR, labels_name, tmp_dir) as labels,
+                ):
+                    extract_organ_mask(vol, labels, organ, second, like=like, case=case)
             found.append(second)
+        shutil.rmtree(cache / ".tmp", ignore_errors=True)
         return found
     finally:
         source.close()

@@ -28,10 +28,14 @@ import tempfile
 import zipfile
 import zlib
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
+import numpy as np
+import SimpleITK as sitk
+
+from mobseg.data import nifti
 from mobseg.errors import InvalidInputError
 
 log = logging.getLogger(__name__)
@@ -307,3 +311,44 @@ def open_source(path: str | os.PathLike[str]) -> Source:
         path=str(p),
         hint="Use --source zenodo, phantom, or the path of an extracted folder or zip.",
     )
+
+
+def write_case(
+    root: str | os.PathLike[str],
+    case: str,
+    ct: sitk.Image,
+    masks: Mapping[str, np.ndarray | sitk.Image],
+) -> Path:
+    """Write one case in the TotalSegmentator layout (atomically per file).
+
+    Used for synthetic data sets (tests, benchmarks, examples).
+
+    Args:
+        root: Dataset folder (the one holding meta.csv).
+        case: Case id (``s0000``).
+        ct: The CT image.
+        masks: Structure name -> mask, as a (z, y, x) array on the CT's grid
+            (written as uint8 unless it is a floating-point array) or an image
+            written as it is.
+
+    Returns:
+        The case folder.
+    """
+    folder = Path(root) / case
+    nifti.write_image(ct, folder / CT_NAME)
+    for name, mask in masks.items():
+        target = folder / mask_relpath(name)
+        if isinstance(mask, sitk.Image):
+            nifti.write_image(mask, target)
+        else:
+            arr = np.asarray(mask)
+            dtype = arr.dtype if np.issubdtype(arr.dtype, np.floating) else np.uint8
+            nifti.write_array(arr, ct, target, dtype)
+    return folder
+
+
+def write_meta(root: str | os.PathLike[str], rows: list[dict[str, str]]) -> Path:
+    """Write ``meta.csv`` in the dataset's format (BOM, ``;``, 11 columns)."""
+    from mobseg.data.meta import format_meta
+
+    return nifti.atomic_write_bytes(Path(root) / META_NAME, format_meta(rows))

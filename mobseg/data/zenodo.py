@@ -42,6 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -306,6 +307,14 @@ def download_file(
     """
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
+    # One download per file at a time, also across processes (``study --jobs``).
+    with FileLock(str(dest / f".{zf.key}.lock")):
+        return _download_locked(zf, dest, policy, sleep)
+
+
+def _download_locked(
+    zf: ZenodoFile, dest: Path, policy: RetryPolicy, sleep: Callable[[float], None]
+) -> Path:
     final = dest / zf.key
     if _is_stamped(final, zf):
         log.info("%s is already downloaded and verified.", final)

@@ -287,9 +287,10 @@ class _Context:
 
 def _read_checked(path: Path, case: str, display: str) -> sitk.Image:
     with _as("corrupt_file"):
-        nifti.verify_nifti_file(path, case, display)
+        info = nifti.verify_nifti_file(path, case, display)
         image = nifti.read_image(path, case, check_finite=False, verify=False, display=display)
     with _as("non_finite"):
+        nifti.check_finite_file(info, case, display)
         nifti.check_finite_image(image, case, display)
     return image
 
