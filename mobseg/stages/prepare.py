@@ -184,7 +184,8 @@ def run(ws: Workspace, params: PrepareParams, force: bool = False) -> StageRecor
     Returns:
         The finished record; its outputs are ``dataset_id``, ``dataset_name``,
         ``raw_dir``, ``splits_json``, ``cases_csv``, ``counts`` ({"train",
-        "val", "test", "excluded"}), ``source``, ``source_dir`` and more.
+        "val", "test", "excluded"}), ``splits`` (the case lists and seed),
+        ``source``, ``source_dir`` and more.
 
     Raises:
         UnknownNameError: unknown organ (the closest names are suggested).
@@ -593,6 +594,12 @@ def _prepare_from(
         "splits_json": str(splits_json),
         "cases_csv": str(cases_csv),
         "counts": counts,
+        "splits": {
+            "train": splits.train,
+            "val": splits.val,
+            "test": splits.test,
+            "seed": splits.seed,
+        },
         "excluded_reasons": excluded_reasons,
         "source": source_label,
         "source_kind": source.kind,

@@ -143,6 +143,7 @@ def test_folder_source_filters_splits_and_writes_the_nnunet_dataset(
         "test": n_test,
         "excluded": len(VOXELS) - n,
     }
+    assert out["splits"] == {k: splits[k] for k in ("train", "val", "test", "seed")}
     for case in VISIBLE:
         assert rows[case]["split"] in splits and case in splits[rows[case]["split"]]
     assert sorted(sum(splits["official"].values(), [])) == VISIBLE
@@ -741,3 +742,52 @@ def test_cli_unknown_organ_exits_1_with_a_suggestion(tmp_path: Path) -> None:
     )
     assert result.exit_code == 1
     assert "Unknown organ 'gallblader'" in result.output and "gallbladder" in result.output
+
+
+def test_zenodo_source_downloads_into_the_workdir_and_prepares(
+    dataset: Path, tmp_path: Path
+) -> None:
+    import functools
+    import hashlib
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = tmp_path / "served"
+    name = "Totalsegmentator_dataset_small_v201.zip"
+    (served / "files").mkdir(parents=True)
+    archive = zip_folder(dataset, served / "files" / name)
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
+    url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    (served / "api" / "records").mkdir(parents=True)
+    (served / "api" / "records" / "10047263").write_text(
+        json.dumps(
+            {
+                "files": [
+                    {
+                        "key": name,
+                        "size": archive.stat().st_size,
+                        "checksum": "md5:" + hashlib.md5(archive.read_bytes()).hexdigest(),
+                        "links": {"self": f"{url}/files/{name}"},
+                    }
+                ]
+            }
+        )
+    )
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        ws = Workspace(tmp_path / "w")
+        rec = run(ws, params("zenodo", subset="small", zenodo_url=url))
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert rec.outputs["source"] == "zenodo" and rec.outputs["source_kind"] == "zip"
+    assert Path(rec.outputs["source_dir"]) == ws.downloads / name
+    assert (ws.downloads / name).read_bytes() == archive.read_bytes()
+    included = {c for c, r in cases_by_id(rec.outputs).items() if r["status"] == "included"}
+    assert included == set(VISIBLE)
