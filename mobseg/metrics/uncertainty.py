@@ -127,9 +127,14 @@ class ErrorDetectionAccumulator:
     def n_correct(self) -> int:
         return int(self.hist[0].sum())
 
+    def _compressed(self) -> tuple[np.ndarray, np.ndarray]:
+        """(correct, errors) counts of the non-empty bins, ascending score, as float64."""
+        nz = np.flatnonzero(self.hist[0] | self.hist[1])
+        return self.hist[0, nz].astype(np.float64), self.hist[1, nz].astype(np.float64)
+
     def auroc(self) -> float:
         """Area under the ROC curve of detecting errors; NaN without both classes."""
-        neg, pos = self.hist[0].astype(np.float64), self.hist[1].astype(np.float64)
+        neg, pos = self._compressed()
         n_neg, n_pos = neg.sum(), pos.sum()
         if n_neg == 0 or n_pos == 0:
             return float("nan")
@@ -138,20 +143,20 @@ class ErrorDetectionAccumulator:
 
     def auprc(self) -> float:
         """Average precision of detecting errors; NaN without errors."""
-        neg, pos = self.hist[0][::-1], self.hist[1][::-1]  # descending score
+        neg, pos = self._compressed()
+        neg, pos = neg[::-1], pos[::-1]  # descending score
         n_pos = pos.sum()
         if n_pos == 0:
             return float("nan")
         keep = pos > 0
-        tp = np.cumsum(pos)[keep].astype(np.float64)
-        fp = np.cumsum(neg)[keep].astype(np.float64)
+        tp = np.cumsum(pos)[keep]
+        fp = np.cumsum(neg)[keep]
         precision = tp / (tp + fp)
-        recall_step = pos[keep] / float(n_pos)
-        return float((recall_step * precision).sum())
+        return float((pos[keep] / n_pos * precision).sum())
 
     def tie_bound(self) -> float:
         """Upper bound of |binned AUROC - exact AUROC|: half the share of tied pairs."""
-        neg, pos = self.hist[0].astype(np.float64), self.hist[1].astype(np.float64)
+        neg, pos = self._compressed()
         n_neg, n_pos = neg.sum(), pos.sum()
         if n_neg == 0 or n_pos == 0:
             return float("nan")

@@ -40,6 +40,7 @@ from mobseg.stages.keys import (
     prepare_command,
     prepare_key,
 )
+from mobseg.stages.predict import BACKBONE_TAG
 from mobseg.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -215,6 +216,14 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
         if not rec.done:
             log.warning("Skipping %s: its status is %s.", rec.key, rec.status)
             continue
+        if rec.params.get("input"):
+            log.warning(
+                "Skipping %s: it predicted %s, not the test split; score it with "
+                "`mobseg evaluate --pred DIR --gt DIR --out FILE.csv`.",
+                rec.key,
+                rec.params["input"],
+            )
+            continue
         chosen.append(rec)
     if chosen:
         return chosen
@@ -285,13 +294,15 @@ def _evaluate_run(
         f.references, f.true_prob = _optional_references(ws, organ, case)
         files.append(f)
 
-    head = pred_rec.params.get("head") or {}
+    backbone = tag == BACKBONE_TAG or bool(pred_rec.params.get("backbone"))
+    head = {} if backbone else (pred_rec.params.get("head") or {})
     run_params = {
         "organ": organ,
         "tag": tag,
         "seed": seed,
-        "method": head.get("method", "deterministic" if tag == "backbone" else None),
+        "method": "deterministic" if backbone else head.get("method"),
         "bases": head.get("bases"),
+        "backbone": backbone,
         "head": head or None,
         "region": params.region,
         "margin": params.margin,

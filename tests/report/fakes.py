@@ -97,7 +97,7 @@ def build_study(
     runs = RUNS if runs is None else runs
     ws = Workspace(root).ensure()
     rng = np.random.default_rng(0)
-    raw = ws.nnunet_raw / "Dataset501_pancreas"
+    raw = ws.nnunet_raw / f"Dataset501_{organ}"
     source = ws.sources / "phantom"
     for i, case in enumerate(cases):
         write(ct_volume(i, rng), raw / "imagesTs" / f"{case}_0000.nii.gz")

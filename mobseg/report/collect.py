@@ -1,0 +1,261 @@
+"""Gather the study's results from the manifest for the report.
+
+Reads the finished ``evaluate`` records (their ``summary``, metrics CSV and
+reliability bins), the ``prepare`` records (split counts, raw dataset) and
+groups the runs into the rows of the paper's tables. Anything missing or
+unreadable is skipped with a warning, so a partial study still reports.
+
+Rows (one per run configuration, i.e. per tag):
+
+- ``backbone``: the pretrained nnU-Net, the paper's "Deterministic" row;
+- one *canonical* row per method: the paper's configuration (the method's
+  default tag, e.g. ``mob-b3-r16``), or the method's only tag when the
+  default was not run; it carries the paper's published values;
+- every other tag (ablations such as ``mob-b5-r16``, the fine-tuned
+  deterministic control) as its own row, labelled with the tag.
+
+The five paper rows are always present (empty cells when not run).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobseg.core.config import METHOD_LABELS, METHOD_NAMES, HeadConfig
+from mobseg.manifest import Manifest, StageRecord
+from mobseg.metrics.calibration import CalibrationAccumulator, ReliabilityBins
+from mobseg.metrics.io import read_metrics_csv
+from mobseg.report.paper import PAPER_ORGANS
+from mobseg.stages.predict import BACKBONE_TAG
+from mobseg.workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+BACKBONE_LABEL = "Deterministic (nnU-Net backbone)"
+FINETUNED_DETERMINISTIC_LABEL = "Deterministic (fine-tuned control)"
+
+
+@dataclass
+class RunResult:
+    """One evaluated run (organ x tag x seed).
+
+    Attributes:
+        organ, tag, seed: The run.
+        method: One of METHOD_NAMES (``deterministic`` for the backbone).
+        bases: M for mob runs, else None.
+        summary: The pooled numbers of the ``ALL`` row (None = undefined).
+        rows: Per-case rows of the metrics CSV (may be empty if unreadable).
+        reliability: Pooled reliability bins, or None.
+        pred_dir: The prediction folder (for case panels), or None.
+        key: The evaluate record's key.
+    """
+
+    organ: str
+    tag: str
+    seed: int
+    method: str
+    bases: int | None
+    summary: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    reliability: ReliabilityBins | None = None
+    pred_dir: Path | None = None
+    key: str = ""
+
+    def value(self, name: str) -> float:
+        """A summary number as float (NaN when missing)."""
+        v = self.summary.get(name)
+        try:
+            return float("nan") if v is None else float(v)
+        except (TypeError, ValueError):
+            return float("nan")
+
+
+@dataclass(frozen=True)
+class RowKey:
+    """One row of the method tables.
+
+    Attributes:
+        tag: Run tag (``backbone``, ``mob-b3-r16``, ...).
+        method: Method name.
+        label: Display name.
+        paper_row: The paper's row name whose values it shows, or None.
+    """
+
+    tag: str
+    method: str
+    label: str
+    paper_row: str | None
+
+
+@dataclass
+class OrganInfo:
+    """What ``prepare`` recorded for an organ."""
+
+    organ: str
+    counts: dict[str, int] | None = None
+    raw_dir: Path | None = None
+
+
+@dataclass
+class StudyResults:
+    """Everything the report shows.
+
+    Attributes:
+        runs: Evaluated runs (whole-volume metrics).
+        roi_runs: Evaluated runs with ``--region roi``.
+        organs: Per organ: split counts, raw dataset.
+    """
+
+    runs: list[RunResult] = field(default_factory=list)
+    roi_runs: list[RunResult] = field(default_factory=list)
+    organs: dict[str, OrganInfo] = field(default_factory=dict)
+
+    def organ_names(self) -> list[str]:
+        """Organs with results or preparation, paper order first; the paper's four if none."""
+        seen = {r.organ for r in self.runs} | set(self.organs)
+        if not seen:
+            return list(PAPER_ORGANS)
+        return [o for o in PAPER_ORGANS if o in seen] + sorted(seen - set(PAPER_ORGANS))
+
+    def result_organs(self) -> list[str]:
+        """Organs with at least one evaluated run, in table order."""
+        have = {r.organ for r in self.runs}
+        return [o for o in self.organ_names() if o in have]
+
+    def rows(self) -> list[RowKey]:
+        """Table rows: the five paper rows always, then every other tag that was run."""
+        return row_keys({(r.tag, r.method, r.bases) for r in self.runs})
+
+    def group(self, organ: str, tag: str, roi: bool = False) -> list[RunResult]:
+        """Runs of one organ and tag, by seed."""
+        src = self.roi_runs if roi else self.runs
+        return sorted((r for r in src if r.organ == organ and r.tag == tag), key=lambda r: r.seed)
+
+    def has_runs(self, organ: str, roi: bool = False) -> bool:
+        """Whether any run of ``organ`` was evaluated (with ``--region roi`` if ``roi``)."""
+        return any(r.organ == organ for r in (self.roi_runs if roi else self.runs))
+
+    def pooled_reliability(self, organ: str, tag: str) -> CalibrationAccumulator | None:
+        """Reliability bins of all seeds of one organ and tag, summed."""
+        acc: CalibrationAccumulator | None = None
+        for r in self.group(organ, tag):
+            if r.reliability is None:
+                continue
+            part = CalibrationAccumulator.from_reliability(r.reliability)
+            acc = part if acc is None else acc.merge(part)
+        return acc
+
+
+def _tag_sort_key(tag: str, bases: int | None) -> tuple[int, str]:
+    return (bases if bases is not None else 0, tag)
+
+
+def row_keys(present: set[tuple[str, str, int | None]]) -> list[RowKey]:
+    """Rows for the tags in ``present`` ((tag, method, bases) triples), in table order."""
+    by_method: dict[str, dict[str, int | None]] = {m: {} for m in METHOD_NAMES}
+    for tag, method, bases in present:
+        if tag == BACKBONE_TAG:
+            continue
+        by_method.setdefault(method, {})[tag] = bases
+    rows = [RowKey(BACKBONE_TAG, "deterministic", BACKBONE_LABEL, "Deterministic")]
+    for method in METHOD_NAMES:
+        tags = by_method.get(method, {})
+        if method == "deterministic":
+            for tag in sorted(tags):
+                rows.append(RowKey(tag, method, FINETUNED_DETERMINISTIC_LABEL, None))
+            continue
+        default = HeadConfig(method).tag()
+        label = METHOD_LABELS[method]
+        canonical = default if (default in tags or len(tags) != 1) else next(iter(tags))
+        rows.append(RowKey(canonical, method, label, label))
+        others = sorted(
+            (t for t in tags if t != canonical), key=lambda t: _tag_sort_key(t, tags[t])
+        )
+        for tag in others:
+            extra = f"M={tags[tag]}, {tag}" if method == "mob" and tags[tag] else tag
+            rows.append(RowKey(tag, method, f"{label} ({extra})", None))
+    return rows
+
+
+def _resolve(ws: Workspace, value: Any) -> Path | None:
+    if not value:
+        return None
+    p = Path(str(value))
+    return p if p.is_absolute() else ws.root / p
+
+
+def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
+    parts = rec.key.split("/")
+    try:
+        organ, tag, seed = parts[1], parts[2], int(parts[3].removeprefix("seed"))
+    except (IndexError, ValueError):
+        log.warning("Ignoring evaluate record with an unexpected key %r.", rec.key)
+        return None
+    method = rec.params.get("method") or ("deterministic" if tag == BACKBONE_TAG else None)
+    if method not in METHOD_NAMES:
+        log.warning("Ignoring %s: unknown method %r.", rec.key, method)
+        return None
+    bases = rec.params.get("bases") if method == "mob" else None
+    run = RunResult(
+        organ=organ,
+        tag=tag,
+        seed=seed,
+        method=method,
+        bases=int(bases) if bases is not None else None,
+        summary=dict(rec.outputs.get("summary") or {}),
+        pred_dir=_resolve(ws, rec.outputs.get("pred_dir")),
+        key=rec.key,
+    )
+    csv_path = _resolve(ws, rec.outputs.get("metrics_csv"))
+    if csv_path is not None and csv_path.is_file():
+        try:
+            run.rows, _ = read_metrics_csv(csv_path)
+        except (OSError, ValueError) as exc:
+            log.warning("Cannot read %s (%s); per-case figures skip this run.", csv_path, exc)
+    rel_path = _resolve(ws, rec.outputs.get("reliability_json"))
+    if rel_path is not None and rel_path.is_file():
+        try:
+            run.reliability = ReliabilityBins.from_dict(json.loads(rel_path.read_text()))
+        except (OSError, ValueError, KeyError) as exc:
+            log.warning("Cannot read %s (%s); the reliability diagram skips it.", rel_path, exc)
+    return run
+
+
+def collect(ws: Workspace) -> StudyResults:
+    """Read the manifest of ``ws`` into :class:`StudyResults` (never raises on gaps)."""
+    manifest = Manifest(ws.manifest_path)
+    results = StudyResults()
+    for rec in manifest.find("prepare"):
+        if not rec.done:
+            continue
+        organ = rec.key.split("/", 1)[-1]
+        counts = rec.outputs.get("counts")
+        results.organs[organ] = OrganInfo(
+            organ=organ,
+            counts=dict(counts) if isinstance(counts, dict) else None,
+            raw_dir=_resolve(ws, rec.outputs.get("raw_dir")),
+        )
+    for rec in manifest.find("evaluate"):
+        if not rec.done:
+            continue
+        run = _run_from_record(ws, rec)
+        if run is None:
+            continue
+        roi = rec.key.endswith("/roi") or rec.params.get("region") == "roi"
+        (results.roi_runs if roi else results.runs).append(run)
+    return results
+
+
+def mean_std(values: list[float]) -> tuple[float, float, int]:
+    """(mean, sample std with ddof=1, n) of the finite values; NaN where undefined."""
+    v = np.array([x for x in values if x is not None and math.isfinite(x)], dtype=np.float64)
+    if v.size == 0:
+        return float("nan"), float("nan"), 0
+    return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan"), int(v.size)

@@ -1,0 +1,507 @@
+"""The report's figures (matplotlib, Agg backend, PNG at 150 dpi).
+
+- :func:`reliability_figure`: reliability diagram of every method per organ
+  (15 bins summed over seeds, the diagonal, voxels per bin below);
+- :func:`dice_vs_bases_figure`: Dice against the number of bases M of the
+  mixture-of-bases runs, mean +- 1 std over seeds;
+- :func:`risk_coverage_figure`: selective risk (1 - Dice) against coverage
+  when the least confident cases are set aside, per uncertainty score;
+- :func:`case_figure`: one test case, one row per method: CT slice with
+  ground-truth and predicted contours, the foreground probability and the
+  predictive variance over the CT, with colour bars fixed across rows.
+
+Every function returns the written path, or None when there is nothing to
+draw (a partial study never fails the report).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mobseg.report.collect import BACKBONE_LABEL, RowKey, RunResult, StudyResults, mean_std
+from mobseg.report.paper import organ_label
+
+log = logging.getLogger(__name__)
+
+DPI = 150
+
+#: Colour of each method (tags of one method share it, line styles differ).
+METHOD_COLORS = {
+    "backbone": "#000000",
+    "deterministic": "#7f7f7f",
+    "diagonal": "#1f77b4",
+    "lowrank": "#ff7f0e",
+    "single-basis": "#2ca02c",
+    "mob": "#d62728",
+}
+LINESTYLES = ("-", "--", ":", "-.")
+
+#: CT display window (abdomen): level 40 HU, width 400 HU.
+CT_WINDOW = (-160.0, 240.0)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update(
+        {
+            "font.size": 10,
+            "axes.titlesize": 11,
+            "axes.labelsize": 10,
+            "legend.fontsize": 8.5,
+            "xtick.labelsize": 9,
+            "ytick.labelsize": 9,
+            "axes.grid": True,
+            "grid.alpha": 0.3,
+            "savefig.dpi": DPI,
+        }
+    )
+    return plt
+
+
+def _styles(rows: list[RowKey]) -> dict[str, dict[str, Any]]:
+    """Colour and line style per tag."""
+    used: dict[str, int] = {}
+    out = {}
+    for key in rows:
+        colour_key = "backbone" if key.label == BACKBONE_LABEL else key.method
+        i = used.get(colour_key, 0)
+        used[colour_key] = i + 1
+        out[key.tag] = {
+            "color": METHOD_COLORS.get(colour_key, "#9467bd"),
+            "linestyle": LINESTYLES[i % len(LINESTYLES)],
+        }
+    return out
+
+
+def _suptitle(fig: Any, text: str, width_in: float, y: float | None = None) -> None:
+    """A figure title wrapped to the figure's width (about 11 characters per inch)."""
+    import textwrap
+
+    wrapped = textwrap.fill(text, width=max(40, int(width_in * 11)))
+    kw = {} if y is None else {"y": y}
+    fig.suptitle(wrapped, fontsize=11, **kw)
+
+
+def _save(fig: Any, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def reliability_figure(results: StudyResults, path: Path) -> Path | None:
+    """Reliability diagram per organ, all methods; bins summed over seeds."""
+    organs = results.result_organs()
+    rows = results.rows()
+    curves = {
+        o: [(k, results.pooled_reliability(o, k.tag)) for k in rows if results.group(o, k.tag)]
+        for o in organs
+    }
+    organs = [o for o in organs if any(acc is not None for _, acc in curves[o])]
+    if not organs:
+        return None
+    plt = _plt()
+    styles = _styles(rows)
+    width = max(6.5, 5.2 * len(organs))
+    fig, axes = plt.subplots(
+        2,
+        len(organs),
+        figsize=(width, 7.4),
+        gridspec_kw={"height_ratios": [3, 1.1], "hspace": 0.08},
+        squeeze=False,
+        sharex="col",
+    )
+    for j, organ in enumerate(organs):
+        ax, hx = axes[0, j], axes[1, j]
+        ax.plot([0, 1], [0, 1], color="0.5", ls="--", lw=1, label="Perfect calibration")
+        edges = None
+        for key, acc in curves[organ]:
+            if acc is None:
+                continue
+            rel = acc.reliability()
+            edges = rel.edges
+            ok = rel.count > 0
+            st = styles[key.tag]
+            ax.plot(
+                rel.confidence[ok],
+                rel.accuracy[ok],
+                marker="o",
+                ms=3.5,
+                lw=1.5,
+                label=f"{key.label} (ECE {acc.ece():.3f})",
+                **st,
+            )
+            centers = (rel.edges[:-1] + rel.edges[1:]) / 2
+            frac = rel.count / max(int(rel.count.sum()), 1)
+            hx.step(centers, np.where(frac > 0, frac, np.nan), where="mid", lw=1.2, **st)
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1.02)
+        ax.set_title(f"{organ_label(organ)}: reliability (15 bins)")
+        ax.set_ylabel("Observed frequency of the organ")
+        ax.legend(loc="best", frameon=True, framealpha=0.9)
+        hx.set_yscale("log")
+        hx.set_ylabel("Share of voxels")
+        hx.set_xlabel("Predicted probability of the organ (bin mean)")
+        if edges is not None:
+            hx.set_xticks(np.linspace(0, 1, 6))
+    _suptitle(
+        fig,
+        "Reliability diagrams: observed organ frequency against predicted probability "
+        "(voxels of all test cases and seeds)",
+        width,
+        y=0.98,
+    )
+    return _save(fig, path)
+
+
+_BASES_RE = re.compile(r"-b\d+")
+
+
+def dice_vs_bases_figure(results: StudyResults, path: Path) -> Path | None:
+    """Dice (%) against M for mixture-of-bases runs; mean +- 1 std over seeds."""
+    organs = [o for o in results.result_organs() if any(r.bases for r in _mob_runs(results, o))]
+    if not organs:
+        return None
+    plt = _plt()
+    width = max(6.5, 5.2 * len(organs))
+    fig, axes = plt.subplots(1, len(organs), figsize=(width, 4.6), squeeze=False)
+    for j, organ in enumerate(organs):
+        ax = axes[0, j]
+        families: dict[str, list[tuple[int, float, float, int]]] = {}
+        by_tag: dict[str, list[RunResult]] = {}
+        for r in _mob_runs(results, organ):
+            by_tag.setdefault(r.tag, []).append(r)
+        for tag, runs in by_tag.items():
+            m, s, n = mean_std([r.value("dice") * 100 for r in runs])
+            if n and runs[0].bases:
+                families.setdefault(_BASES_RE.sub("", tag), []).append((runs[0].bases, m, s, n))
+        for i, (fam, pts) in enumerate(sorted(families.items())):
+            pts.sort()
+            x = [p[0] for p in pts]
+            y = [p[1] for p in pts]
+            err = [0.0 if math.isnan(p[2]) else p[2] for p in pts]
+            ax.errorbar(
+                x,
+                y,
+                yerr=err,
+                marker="o",
+                capsize=4,
+                lw=1.5,
+                color=METHOD_COLORS["mob"],
+                ls=LINESTYLES[i % len(LINESTYLES)],
+                label=f"Mixture-of-Bases ({fam.replace('mob-', '')})",
+            )
+            for xi, yi, p in zip(x, y, pts, strict=True):
+                ax.annotate(f"n={p[3]}", (xi, yi), textcoords="offset points", xytext=(6, -12))
+        for key in results.rows():
+            if key.paper_row is None or key.method == "mob":
+                continue
+            m, _, n = mean_std([r.value("dice") * 100 for r in results.group(organ, key.tag)])
+            if n:
+                colour = "backbone" if key.label == BACKBONE_LABEL else key.method
+                ax.axhline(m, color=METHOD_COLORS[colour], ls=":", lw=1.2, label=key.label)
+        ms = sorted({p[0] for pts in families.values() for p in pts})
+        ax.set_xlim(min(ms) - 0.6, max(ms) + 0.6)
+        ax.set_xticks(range(min(ms), max(ms) + 1))
+        ax.set_xlabel("Number of bases M")
+        ax.set_ylabel("Dice (%)")
+        ax.set_title(f"{organ_label(organ)}: Dice against M")
+        ax.legend(loc="best", framealpha=0.9)
+    _suptitle(
+        fig,
+        "Mixture-of-Bases: Dice against the number of bases (mean \u00b1 1 std over "
+        "seeds; n = seeds per point)",
+        width,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _mob_runs(results: StudyResults, organ: str) -> list[RunResult]:
+    return [r for r in results.runs if r.organ == organ and r.method == "mob"]
+
+
+def _curve_for_runs(runs: list[RunResult], score: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Seed-averaged selective risk on a coverage grid (step interpolation)."""
+    from mobseg.metrics.uncertainty import risk_coverage_curve
+
+    grid = np.linspace(0.0, 1.0, 201)[1:]
+    curves = []
+    for r in runs:
+        if not r.rows:
+            continue
+        risk = np.array([1.0 - float(row.get("dice", np.nan)) for row in r.rows])
+        conf = -np.array([float(row.get(f"mean_{score}_pred", np.nan)) for row in r.rows])
+        if np.all(np.isnan(conf)):
+            continue
+        cov, sel = risk_coverage_curve(risk, conf)
+        if cov.size == 0:
+            continue
+        idx = np.clip(np.searchsorted(cov, grid - 1e-12, side="left"), 0, cov.size - 1)
+        curves.append(sel[idx])
+    if not curves:
+        return None
+    return grid, np.mean(curves, axis=0)
+
+
+def risk_coverage_figure(results: StudyResults, path: Path) -> Path | None:
+    """Risk-coverage curves per organ (columns) and uncertainty score (rows)."""
+    organs = results.result_organs()
+    rows = results.rows()
+    scores = (("var", "Var[p]"), ("entropy", "entropy H"))
+    data: dict[tuple[str, str], list[tuple[RowKey, np.ndarray, np.ndarray, float]]] = {}
+    for o in organs:
+        for score, _ in scores:
+            for key in rows:
+                group = results.group(o, key.tag)
+                curve = _curve_for_runs(group, score)
+                if curve is None:
+                    continue
+                aurc, _, _ = mean_std([r.value(f"aurc_{score}") for r in group])
+                data.setdefault((o, score), []).append((key, curve[0], curve[1], aurc))
+    organs = [o for o in organs if any((o, s) in data for s, _ in scores)]
+    if not organs:
+        return None
+    plt = _plt()
+    styles = _styles(rows)
+    width = max(7.0, 5.4 * len(organs))
+    fig, axes = plt.subplots(2, len(organs), figsize=(width, 8.4), squeeze=False, sharex=True)
+    for j, organ in enumerate(organs):
+        for i, (score, name) in enumerate(scores):
+            ax = axes[i, j]
+            for key, cov, sel, aurc in data.get((organ, score), []):
+                ax.step(
+                    cov,
+                    sel * 100,
+                    where="post",
+                    lw=1.6,
+                    label=f"{key.label} (AURC {aurc * 100:.2f})",
+                    **styles[key.tag],
+                )
+            ax.set_xlim(0, 1)
+            top = max((float(np.nanmax(ln.get_ydata())) for ln in ax.lines), default=1.0)
+            # headroom for the legend above the curves
+            ax.set_ylim(0, max(top, 1e-3) * (1.2 + 0.1 * len(ax.lines)))
+            ax.set_title(f"{organ_label(organ)}: confidence = \u2212 mean {name} over prediction")
+            ax.set_ylabel("Selective risk, 1 \u2212 Dice (%)")
+            if i == 1:
+                ax.set_xlabel("Coverage (fraction of test cases kept)")
+            if ax.lines:
+                ax.legend(loc="upper left", framealpha=0.9)
+            else:
+                ax.text(0.5, 0.5, "no uncertainty maps", ha="center", transform=ax.transAxes)
+    _suptitle(
+        fig,
+        "Risk-coverage: mean risk of the cases kept when the least confident are set aside "
+        "(averaged over seeds; AURC in %, lower is better)",
+        width,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+# -- case panels -------------------------------------------------------------------
+@dataclass
+class _Volumes:
+    ct: np.ndarray  # (z, y, x) LPS-oriented
+    gt: np.ndarray
+    spacing: tuple[float, float, float]  # x, y, z mm
+
+
+def _read_lps(path: Path) -> tuple[np.ndarray, tuple[float, float, float]]:
+    import SimpleITK as sitk
+
+    img = sitk.DICOMOrient(sitk.ReadImage(str(path)), "LPS")
+    sp = img.GetSpacing()
+    return sitk.GetArrayFromImage(img), (float(sp[0]), float(sp[1]), float(sp[2]))
+
+
+def _case_rows(results: StudyResults, organ: str) -> list[tuple[RowKey, RunResult]]:
+    """One run per table row (lowest seed with a prediction folder), at most 6."""
+    out = []
+    for key in results.rows():
+        runs = [r for r in results.group(organ, key.tag) if r.pred_dir is not None]
+        if runs:
+            out.append((key, runs[0]))
+    return out[:6]
+
+
+def choose_case(results: StudyResults, organ: str) -> str | None:
+    """A typical case: mean Dice over the shown runs closest to the median of those means.
+
+    Cases with an undefined Dice (empty ground truth and prediction) are skipped.
+    """
+    per_case: dict[str, list[float]] = {}
+    for _, run in _case_rows(results, organ):
+        for row in run.rows:
+            d = float(row.get("dice", np.nan))
+            if not math.isnan(d):
+                per_case.setdefault(str(row["case"]), []).append(d)
+    if not per_case:
+        return None
+    means = {c: float(np.mean(v)) for c, v in per_case.items()}
+    median = float(np.median(list(means.values())))
+    return min(sorted(means), key=lambda c: abs(means[c] - median))
+
+
+def case_figure(
+    results: StudyResults, organ: str, case: str | None, path: Path
+) -> tuple[Path, str] | None:
+    """Case panels of ``organ`` (``case`` or an automatically chosen one).
+
+    Returns:
+        (path, case) or None when the organ has no raw data or predictions.
+    """
+    info = results.organs.get(organ)
+    shown = _case_rows(results, organ)
+    if info is None or info.raw_dir is None or not shown:
+        return None
+    case = case or choose_case(results, organ)
+    if case is None:
+        return None
+    ct_path = info.raw_dir / "imagesTs" / f"{case}_0000.nii.gz"
+    gt_path = info.raw_dir / "labelsTs" / f"{case}.nii.gz"
+    if not (ct_path.is_file() and gt_path.is_file()):
+        log.warning("Case %s of %s: no CT or label in %s.", case, organ, info.raw_dir)
+        return None
+    ct, spacing = _read_lps(ct_path)
+    gt, _ = _read_lps(gt_path)
+    vols = _Volumes(ct.astype(np.float32), gt.astype(bool), spacing)
+    preds = []
+    for key, run in shown:
+        if run.pred_dir is None:
+            continue
+        prob_path = run.pred_dir / f"{case}_prob.nii.gz"
+        if not prob_path.is_file():
+            continue
+        prob, _ = _read_lps(prob_path)
+        var_path = prob_path.with_name(f"{case}_var.nii.gz")
+        var = _read_lps(var_path)[0] if var_path.is_file() else None
+        dice = next(
+            (float(r["dice"]) for r in run.rows if str(r.get("case")) == case), float("nan")
+        )
+        preds.append((key, run, prob.astype(np.float32), var, dice))
+    if not preds:
+        return None
+    _draw_case(vols, preds, organ, case, path)
+    return path, case
+
+
+def _crop_box(mask2d: np.ndarray, shape: tuple[int, int], margin: int) -> tuple[slice, slice]:
+    ys, xs = np.nonzero(mask2d)
+    if ys.size == 0:
+        return slice(0, shape[0]), slice(0, shape[1])
+    h = max(ys.max() - ys.min() + 1, xs.max() - xs.min() + 1)
+    m = max(margin, int(0.6 * h))
+    return (
+        slice(max(0, ys.min() - m), min(shape[0], ys.max() + m + 1)),
+        slice(max(0, xs.min() - m), min(shape[1], xs.max() + m + 1)),
+    )
+
+
+def _draw_case(
+    vols: _Volumes,
+    preds: list[tuple[RowKey, RunResult, np.ndarray, np.ndarray | None, float]],
+    organ: str,
+    case: str,
+    path: Path,
+) -> None:
+    plt = _plt()
+    from matplotlib.colors import Normalize
+    from matplotlib.lines import Line2D
+
+    area = vols.gt.sum(axis=(1, 2))
+    if area.max() == 0:  # organ absent: the slice where the predictions are largest
+        area = sum((p[2] > 0.5).sum(axis=(1, 2)) for p in preds)
+    z = int(np.argmax(area))
+    union = vols.gt[z].copy()
+    for p in preds:
+        union |= p[2][z] > 0.5
+    ys, xs = _crop_box(union, vols.gt.shape[1:], margin=10)
+    sx, sy, sz = vols.spacing
+    ny, nx = ys.stop - ys.start, xs.stop - xs.start
+    extent = (0.0, nx * sx, ny * sy, 0.0)
+    ct = vols.ct[z, ys, xs]
+    gt = vols.gt[z, ys, xs]
+    vmax_var = max(
+        (float(np.nanmax(p[3][z, ys, xs])) for p in preds if p[3] is not None), default=0.0
+    )
+    vmax_var = vmax_var if vmax_var > 0 else 0.25
+    n = len(preds)
+    fig, axes = plt.subplots(
+        n, 3, figsize=(12.0, 3.3 * n + 1.6), squeeze=False, layout="constrained"
+    )
+    norm_p = Normalize(0.0, 1.0)
+    norm_v = Normalize(0.0, vmax_var)
+    ctk = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1], "extent": extent}
+    yy = (np.arange(ny) + 0.5) * sy
+    xx = (np.arange(nx) + 0.5) * sx
+    im0 = im1 = im2 = None
+    for i, (key, _run, prob, var, dice) in enumerate(preds):
+        p = prob[z, ys, xs]
+        a0, a1, a2 = axes[i]
+        im0 = a0.imshow(ct, **ctk)
+        if gt.any():
+            a0.contour(xx, yy, gt.astype(float), levels=[0.5], colors="#00e000", linewidths=1.8)
+        if (p > 0.5).any():
+            a0.contour(xx, yy, p, levels=[0.5], colors="#ff2020", linewidths=1.5, linestyles="--")
+        dice_txt = "n/a" if math.isnan(dice) else f"{dice * 100:.1f} %"
+        a0.set_ylabel(f"{key.label}\nDice {dice_txt}\n\nA \u2192 P (mm)", fontsize=10)
+        a1.imshow(ct, **ctk)
+        im1 = a1.imshow(
+            np.ma.masked_less(p, 0.01), cmap="viridis", norm=norm_p, alpha=0.85, extent=extent
+        )
+        a2.imshow(ct, **ctk)
+        if var is not None:
+            v = var[z, ys, xs]
+            im2 = a2.imshow(
+                np.ma.masked_less(v, vmax_var * 0.01),
+                cmap="magma",
+                norm=norm_v,
+                alpha=0.9,
+                extent=extent,
+            )
+        else:
+            a2.text(0.5, 0.5, "no variance map", color="w", ha="center", transform=a2.transAxes)
+        for a in (a0, a1, a2):
+            a.grid(False)
+            a.tick_params(labelsize=8)
+        if i == 0:
+            a0.set_title("CT, ground truth and prediction")
+            a1.set_title("Foreground probability p over the CT")
+            a2.set_title("Predictive variance Var[p] over the CT")
+    bar = {"location": "bottom", "shrink": 0.85, "aspect": 28, "pad": 0.01}
+    cb0 = fig.colorbar(im0, ax=axes[:, 0], **bar)
+    cb0.set_label("CT (HU), window -160..240")
+    cb1 = fig.colorbar(im1, ax=axes[:, 1], **bar)
+    cb1.set_label("p(organ), same scale in every row")
+    if im2 is not None:
+        cb2 = fig.colorbar(im2, ax=axes[:, 2], **bar)
+        cb2.set_label("Var[p] (probability\u00b2), same scale in every row")
+    for a in axes[-1]:
+        a.set_xlabel("R \u2192 L (mm)", fontsize=9)
+    handles = [
+        Line2D([0], [0], color="#00e000", lw=1.8, label="ground truth"),
+        Line2D([0], [0], color="#ff2020", lw=1.5, ls="--", label="prediction (p > 0.5)"),
+    ]
+    axes[0, 0].legend(handles=handles, loc="upper right", fontsize=8, framealpha=0.85)
+    _suptitle(
+        fig,
+        f"{organ_label(organ)}, case {case}: axial slice {z} of {vols.gt.shape[0]} "
+        f"(largest ground-truth area), voxel spacing {sx:.3g} x {sy:.3g} x {sz:.3g} mm",
+        12.0,
+    )
+    _save(fig, path)

@@ -1,0 +1,567 @@
+"""The report's tables: one model, rendered as Markdown, LaTeX (booktabs), HTML and CSV.
+
+Tables (SPEC section 1, the paper's tables, plus ours):
+
+1. split counts per organ, beside the paper's;
+2. Dice (%) per method and organ, mean +- std over seeds, beside the paper's;
+3. NLL, beside the paper's;
+4. ECE and MCE (15 bins), beside the paper's (pancreas only);
+4b. ECE and MCE in the region of interest, when ``--region roi`` was evaluated;
+5. uncertainty quality (error-detection AUROC/AUPRC, AURC, GED^2, p* error);
+6. every evaluated run.
+
+Cells of our numbers hold mean, sample std (ddof = 1) and the number of
+seeds; with one seed only the mean is shown. The best mean of each of our
+columns is bold (ties after rounding all bold). Missing results are "-".
+The CSV files are tidy (one number per line) for further analysis.
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import io
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from mobseg.report.collect import StudyResults, mean_std
+from mobseg.report.paper import (
+    PAPER_CALIBRATION,
+    PAPER_DICE,
+    PAPER_NLL,
+    PAPER_SPLITS,
+    organ_label,
+)
+
+DASH = "-"
+PM = "\u00b1"
+
+
+@dataclass
+class Cell:
+    """One table cell: a literal text, or a number with spread.
+
+    Attributes:
+        text: Literal text (labels, published values with ``+-`` as ``±``).
+        mean: Our mean (already scaled), or None for a text cell.
+        std: Sample standard deviation over seeds (NaN when n < 2).
+        n: Number of seeds behind the mean.
+        decimals: Digits after the point.
+        bold: Best of its column.
+        paper: A published value (rendered in a muted style).
+    """
+
+    text: str | None = None
+    mean: float | None = None
+    std: float = float("nan")
+    n: int = 0
+    decimals: int = 2
+    bold: bool = False
+    paper: bool = False
+
+    @property
+    def numeric(self) -> bool:
+        return self.mean is not None and math.isfinite(self.mean)
+
+    def plain(self) -> str:
+        """The text with ``±``, without markup."""
+        if self.text is not None:
+            return self.text
+        if self.mean is None or not math.isfinite(self.mean):
+            return DASH
+        out = f"{self.mean:.{self.decimals}f}"
+        if self.n > 1 and math.isfinite(self.std):
+            out += f" {PM} {self.std:.{self.decimals}f}"
+        return out
+
+    def rounded(self) -> float | None:
+        return round(self.mean, self.decimals) if self.numeric and self.mean is not None else None
+
+
+@dataclass
+class Table:
+    """A rendered-anywhere table.
+
+    Attributes:
+        name: File stem, e.g. ``table2_dice``.
+        title: Short title ("Table 2: Dice (%)").
+        caption: One or two sentences under the title.
+        columns: Header texts.
+        rows: Cells, one list per row (first cell = row label).
+        records: Tidy rows for the CSV file.
+        rules: Row indices before which a rule is drawn (groups).
+    """
+
+    name: str
+    title: str
+    caption: str
+    columns: list[str]
+    rows: list[list[Cell]] = field(default_factory=list)
+    records: list[dict[str, Any]] = field(default_factory=list)
+    rules: set[int] = field(default_factory=set)
+
+    def column_texts(self, index: int) -> list[str]:
+        """The plain texts of one column (tests and figures use them)."""
+        return [row[index].plain() for row in self.rows]
+
+
+def mark_best(rows: Sequence[Sequence[Cell]], col: int, higher_is_better: bool) -> None:
+    """Bold the best finite mean(s) of column ``col`` (ties after rounding)."""
+    vals = [r[col].rounded() for r in rows]
+    finite = [v for v in vals if v is not None]
+    if not finite:
+        return
+    best = max(finite) if higher_is_better else min(finite)
+    for r, v in zip(rows, vals, strict=True):
+        if v is not None and v == best:
+            r[col].bold = True
+
+
+def _paper_cell(value: tuple[str, str] | None) -> Cell:
+    if value is None:
+        return Cell(text=DASH, paper=True)
+    return Cell(text=f"{value[0]} {PM} {value[1]}", paper=True)
+
+
+def _seeds_text(counts: list[int]) -> str:
+    c = sorted({n for n in counts if n > 0})
+    if not c:
+        return DASH
+    return str(c[0]) if len(c) == 1 else f"{c[0]}-{c[-1]}"
+
+
+def _float_or_nan(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("nan")
+
+
+def metric_table(
+    results: StudyResults,
+    *,
+    name: str,
+    title: str,
+    caption: str,
+    metric: str,
+    scale: float,
+    decimals: int,
+    higher_is_better: bool,
+    paper: dict[str, dict[str, tuple[str, str]]] | None,
+) -> Table:
+    """Rows = methods, columns = organs (ours, then the paper's beside it)."""
+    organs = results.organ_names()
+    columns = ["Method"]
+    for o in organs:
+        columns.append(organ_label(o))
+        if paper is not None:
+            columns.append(f"{organ_label(o)} (paper)")
+    columns.append("Seeds")
+    table = Table(name, title, caption, columns)
+    for key in results.rows():
+        row = [Cell(text=key.label)]
+        ns = []
+        for o in organs:
+            m, s, n = mean_std([r.value(metric) for r in results.group(o, key.tag)])
+            cell = Cell(mean=m * scale, std=s * scale, n=n, decimals=decimals)
+            row.append(cell)
+            ns.append(n)
+            pv = None
+            if paper is not None:
+                pv = paper.get(key.paper_row or "", {}).get(o)
+                row.append(_paper_cell(pv))
+            table.records.append(
+                {
+                    "table": name,
+                    "row": key.label,
+                    "tag": key.tag,
+                    "organ": o,
+                    "metric": metric,
+                    "mean": m * scale,
+                    "std": s * scale,
+                    "n": n,
+                    "paper_mean": _float_or_nan(pv[0]) if pv else float("nan"),
+                    "paper_std": _float_or_nan(pv[1]) if pv else float("nan"),
+                    "_cell": cell,
+                }
+            )
+        row.append(Cell(text=_seeds_text(ns)))
+        table.rows.append(row)
+    step = 2 if paper is not None else 1
+    for i in range(len(organs)):
+        mark_best(table.rows, 1 + i * step, higher_is_better)
+    _flag_best_records(table)
+    return table
+
+
+def _flag_best_records(table: Table) -> None:
+    """Replace each record's cell reference by its bold flag (column ``best``)."""
+    for rec in table.records:
+        cell = rec.pop("_cell", None)
+        if cell is not None:
+            rec["best"] = int(cell.bold)
+
+
+def splits_table(results: StudyResults) -> Table:
+    """Table 1: cases per split after filtering, ours beside the paper's."""
+    name = "table1_splits"
+    table = Table(
+        name,
+        "Table 1: Data splits",
+        "Cases per split after dropping scans in which the organ is absent "
+        "(excluded), ours beside the paper's (train/val/test).",
+        ["Organ", "Train", "Val", "Test", "Excluded", "Paper train", "Paper val", "Paper test"],
+    )
+    for organ in results.organ_names():
+        info = results.organs.get(organ)
+        counts = (info.counts if info else None) or {}
+        row = [Cell(text=organ_label(organ))]
+        for k in ("train", "val", "test", "excluded"):
+            v = counts.get(k)
+            row.append(Cell(text=str(int(v)) if isinstance(v, (int, float)) else DASH))
+        pv = PAPER_SPLITS.get(organ)
+        for i in range(3):
+            row.append(Cell(text=str(pv[i]) if pv else DASH, paper=True))
+        table.rows.append(row)
+        rec: dict[str, Any] = {"table": name, "organ": organ}
+        for k in ("train", "val", "test", "excluded"):
+            rec[k] = counts.get(k, "")
+        for i, k in enumerate(("paper_train", "paper_val", "paper_test")):
+            rec[k] = pv[i] if pv else ""
+        table.records.append(rec)
+    return table
+
+
+def calibration_table(results: StudyResults, roi: bool = False) -> Table:
+    """Table 4: ECE and MCE per organ (15 bins), beside the paper's pancreas values."""
+    organs = [o for o in results.organ_names() if not roi or results.has_runs(o, roi=True)]
+    name = "table4b_calibration_roi" if roi else "table4_calibration"
+    title = "Table 4b: ECE and MCE in the region of interest" if roi else "Table 4: ECE and MCE"
+    caption = (
+        "Expected and maximum calibration error of the foreground probability "
+        "(15 equal-width bins, pooled over the test set)"
+        + (
+            ", restricted to the bounding box of ground truth or prediction plus a margin."
+            if roi
+            else "; the paper reports them for the pancreas only."
+        )
+    )
+    columns = ["Method"]
+    for o in organs:
+        columns += [f"{organ_label(o)} ECE", f"{organ_label(o)} MCE"]
+    paper_organs = [] if roi else [o for o in organs if o in PAPER_CALIBRATION]
+    for o in paper_organs:
+        columns += [f"{organ_label(o)} ECE (paper)", f"{organ_label(o)} MCE (paper)"]
+    table = Table(name, title, caption, columns)
+    for key in results.rows():
+        row = [Cell(text=key.label)]
+        for o in organs:
+            for metric in ("ece", "mce"):
+                m, s, n = mean_std([r.value(metric) for r in results.group(o, key.tag, roi=roi)])
+                cell = Cell(mean=m, std=s, n=n, decimals=3)
+                row.append(cell)
+                table.records.append(
+                    {
+                        "table": name,
+                        "row": key.label,
+                        "tag": key.tag,
+                        "organ": o,
+                        "metric": metric,
+                        "mean": m,
+                        "std": s,
+                        "n": n,
+                        "_cell": cell,
+                    }
+                )
+        for o in paper_organs:
+            pv = PAPER_CALIBRATION[o].get(key.paper_row or "")
+            row += [_paper_cell(pv["ece"] if pv else None), _paper_cell(pv["mce"] if pv else None)]
+        table.rows.append(row)
+    for i in range(2 * len(organs)):
+        mark_best(table.rows, 1 + i, higher_is_better=False)
+    _flag_best_records(table)
+    return table
+
+
+#: (summary key, header, decimals, higher is better) of Table 5.
+UNCERTAINTY_COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
+    ("auroc_var", "AUROC (Var)", 3, True),
+    ("auprc_var", "AUPRC (Var)", 3, True),
+    ("auroc_entropy", "AUROC (H)", 3, True),
+    ("aurc_var", "AURC (Var)", 3, False),
+    ("aurc_entropy", "AURC (H)", 3, False),
+    ("ged2", "GED\u00b2", 3, False),
+    ("pstar_mae", "|p - p*|", 4, False),
+)
+
+
+def uncertainty_table(results: StudyResults) -> Table:
+    """Table 5: quality of the uncertainty, ours only (rows: organ x method)."""
+    name = "table5_uncertainty"
+    table = Table(
+        name,
+        "Table 5: Quality of the uncertainty",
+        "Voxel error detection (errors = prediction differs from the ground truth; score "
+        "Var[p] or predictive entropy H), case-level area under the risk-coverage curve "
+        "(risk 1 - Dice, confidence = minus the mean uncertainty over the predicted organ; "
+        "lower is better), GED\u00b2 against several reference masks (1 - IoU), and the mean "
+        "absolute error of p against the phantom's true probability p*. Not in the paper.",
+        ["Organ", "Method"] + [c[1] for c in UNCERTAINTY_COLUMNS] + ["Seeds"],
+    )
+    for organ in results.result_organs():
+        start = len(table.rows)
+        if start:
+            table.rules.add(start)
+        for key in results.rows():
+            group = results.group(organ, key.tag)
+            if not group:
+                continue
+            row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
+            for metric, header, dec, _ in UNCERTAINTY_COLUMNS:
+                m, s, n = mean_std([r.value(metric) for r in group])
+                cell = Cell(mean=m, std=s, n=n, decimals=dec)
+                row.append(cell)
+                table.records.append(
+                    {
+                        "table": name,
+                        "row": key.label,
+                        "tag": key.tag,
+                        "organ": organ,
+                        "metric": metric,
+                        "column": header,
+                        "mean": m,
+                        "std": s,
+                        "n": n,
+                        "_cell": cell,
+                    }
+                )
+            row.append(Cell(text=str(len(group))))
+            table.rows.append(row)
+        block = table.rows[start:]
+        for i, (_, _, _, higher) in enumerate(UNCERTAINTY_COLUMNS):
+            mark_best(block, 2 + i, higher)
+    _flag_best_records(table)
+    return table
+
+
+def runs_table(results: StudyResults) -> Table:
+    """Table 6: every evaluated run, with its pooled headline numbers."""
+    name = "table6_runs"
+    table = Table(
+        name,
+        "Table 6: Evaluated runs",
+        "Every run in the manifest that was evaluated: test cases, mean Dice over cases "
+        "(cases where prediction and ground truth are both empty are excluded and counted), "
+        "and the pooled NLL and ECE.",
+        ["Organ", "Method", "Tag", "Seed", "Cases", "Empty (NaN Dice)", "Dice (%)", "NLL", "ECE"],
+    )
+    order = {k.tag: i for i, k in enumerate(results.rows())}
+    runs = sorted(
+        results.runs,
+        key=lambda r: (results.organ_names().index(r.organ), order.get(r.tag, 99), r.seed),
+    )
+    labels = {k.tag: k.label for k in results.rows()}
+    for r in runs:
+        n_cases = r.value("n_cases")
+        n_nan = r.value("n_nan_dice")
+        table.rows.append(
+            [
+                Cell(text=organ_label(r.organ)),
+                Cell(text=labels.get(r.tag, r.tag)),
+                Cell(text=r.tag),
+                Cell(text=str(r.seed)),
+                Cell(text=DASH if math.isnan(n_cases) else str(int(n_cases))),
+                Cell(text=DASH if math.isnan(n_nan) else str(int(n_nan))),
+                Cell(mean=r.value("dice") * 100, n=1, decimals=2),
+                Cell(mean=r.value("nll"), n=1, decimals=3),
+                Cell(mean=r.value("ece"), n=1, decimals=3),
+            ]
+        )
+        table.records.append(
+            {
+                "table": name,
+                "organ": r.organ,
+                "method": r.method,
+                "tag": r.tag,
+                "seed": r.seed,
+                **{k: r.summary.get(k) for k in ("n_cases", "n_nan_dice", "dice", "nll", "ece")},
+            }
+        )
+    return table
+
+
+def all_tables(results: StudyResults) -> list[Table]:
+    """Every table of the report, in order (4b only when ROI results exist)."""
+    tables = [
+        splits_table(results),
+        metric_table(
+            results,
+            name="table2_dice",
+            title="Table 2: Dice (%)",
+            caption="Dice of the predicted organ (argmax of the mean probability) per test "
+            "case, averaged over cases; mean \u00b1 std over seeds. Higher is better.",
+            metric="dice",
+            scale=100.0,
+            decimals=2,
+            higher_is_better=True,
+            paper=PAPER_DICE,
+        ),
+        metric_table(
+            results,
+            name="table3_nll",
+            title="Table 3: Negative log-likelihood",
+            caption="Mean over all test voxels of -ln p(true class) (nats per voxel, "
+            "probabilities floored at 1e-8); mean \u00b1 std over seeds. Lower is better.",
+            metric="nll",
+            scale=1.0,
+            decimals=3,
+            higher_is_better=False,
+            paper=PAPER_NLL,
+        ),
+        calibration_table(results),
+    ]
+    if results.roi_runs:
+        tables.append(calibration_table(results, roi=True))
+    tables += [uncertainty_table(results), runs_table(results)]
+    return tables
+
+
+# -- renderers ---------------------------------------------------------------------
+def _md_escape(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def to_markdown(table: Table) -> str:
+    """GitHub-flavoured Markdown: title in bold, the table, the caption in italics."""
+
+    def cell(c: Cell) -> str:
+        t = _md_escape(c.plain())
+        if c.bold:
+            return f"**{t}**"
+        return f"*{t}*" if c.paper and t != DASH else t
+
+    lines = [
+        "| " + " | ".join(_md_escape(c) for c in table.columns) + " |",
+        "| " + " | ".join(["---"] + ["---:"] * (len(table.columns) - 1)) + " |",
+    ]
+    for row in table.rows:
+        lines.append("| " + " | ".join(cell(c) for c in row) + " |")
+    return "\n".join(lines)
+
+
+_LATEX_SPECIAL = {
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+    "\\": r"\textbackslash{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape LaTeX specials; ``±`` becomes ``$\\pm$`` and ``²`` ``$^2$``."""
+    out = "".join(_LATEX_SPECIAL.get(ch, ch) for ch in text)
+    return out.replace(PM, r"$\pm$").replace("\u00b2", r"$^2$").replace("*", r"$^*$")
+
+
+def _strip_number(title: str) -> str:
+    """'Table 2: Dice (%)' -> 'Dice (%)' (LaTeX numbers tables itself)."""
+    return re.sub(r"^Table \w+:\s*", "", title)
+
+
+def to_latex(table: Table) -> str:
+    """A booktabs table environment (needs ``\\usepackage{booktabs}``)."""
+
+    def cell(c: Cell) -> str:
+        t = latex_escape(c.plain())
+        if c.bold:
+            return rf"\textbf{{{t}}}"
+        return rf"\textit{{{t}}}" if c.paper and c.plain() != DASH else t
+
+    spec = "l" * (2 if table.columns[:2] == ["Organ", "Method"] else 1)
+    spec += "r" * (len(table.columns) - len(spec))
+    lines = [
+        r"\begin{table}[t]",
+        r"\centering",
+        r"\small",
+        rf"\caption{{{latex_escape(_strip_number(table.title))}. {latex_escape(table.caption)}}}",
+        rf"\label{{tab:{table.name}}}",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(latex_escape(c) for c in table.columns) + r" \\",
+        r"\midrule",
+    ]
+    for i, row in enumerate(table.rows):
+        if i in table.rules:
+            lines.append(r"\midrule")
+        lines.append(" & ".join(cell(c) for c in row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    return "\n".join(lines) + "\n"
+
+
+def to_html(table: Table) -> str:
+    """An HTML table with a caption (styles come from the page's CSS)."""
+
+    def cell(c: Cell, tag: str = "td") -> str:
+        cls = []
+        if c.paper:
+            cls.append("paper")
+        if c.bold:
+            cls.append("best")
+        attr = f' class="{" ".join(cls)}"' if cls else ""
+        t = html.escape(c.plain())
+        return f"<{tag}{attr}>{f'<b>{t}</b>' if c.bold else t}</{tag}>"
+
+    head = "".join(
+        f'<th class="paper">{html.escape(c)}</th>'
+        if "(paper)" in c or c.startswith("Paper ")
+        else f"<th>{html.escape(c)}</th>"
+        for c in table.columns
+    )
+    body = []
+    for i, row in enumerate(table.rows):
+        cls = ' class="rule"' if i in table.rules else ""
+        body.append(f"<tr{cls}>" + "".join(cell(c) for c in row) + "</tr>")
+    return (
+        f'<table id="{table.name}">'
+        f"<caption><b>{html.escape(table.title)}.</b> {html.escape(table.caption)}</caption>"
+        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+def to_csv(table: Table) -> str:
+    """Tidy CSV of the table's records (numbers unrounded, NaN as empty)."""
+    keys: list[str] = []
+    for rec in table.records:
+        for k in rec:
+            if k not in keys:
+                keys.append(k)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(keys)
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return ""
+        if isinstance(v, float):
+            return "" if math.isnan(v) else f"{v:.10g}"
+        return str(v)
+
+    for rec in table.records:
+        writer.writerow([fmt(rec.get(k)) for k in keys])
+    return buf.getvalue()
+
+
+RENDERERS: dict[str, Callable[[Table], str]] = {
+    "md": to_markdown,
+    "tex": to_latex,
+    "csv": to_csv,
+}
