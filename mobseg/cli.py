@@ -19,6 +19,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from mobseg import progress
@@ -65,7 +66,8 @@ def guarded(fn: Callable[[], T]) -> T:
     except MobsegError as exc:
         if state.debug:
             raise
-        err.print(f"[bold red]Error:[/] {exc}", highlight=False, soft_wrap=True)
+        # escape: messages hold "[case X, path]", which Rich would read as markup
+        err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

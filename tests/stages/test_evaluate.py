@@ -1,0 +1,177 @@
+"""Stage evaluate: study mode over the manifest, standalone mode, and the CLI contract."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from typer.testing import CliRunner
+
+from mobseg.cli import app
+from mobseg.core.config import HeadConfig
+from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError
+from mobseg.manifest import Manifest
+from mobseg.metrics.io import read_metrics_csv
+from mobseg.stages.evaluate import EvaluateParams, run
+from mobseg.workspace import Workspace
+
+runner = CliRunner()
+
+
+def _fakes() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "report" / "report_fakes.py"
+    spec = importlib.util.spec_from_file_location("report_fakes", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fakes = _fakes()
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> Workspace:
+    return fakes.build_study(tmp_path / "work")
+
+
+def test_study_mode_writes_a_record_per_run_with_correct_numbers(study: Workspace) -> None:
+    recs = run(study, EvaluateParams(organ="pancreas"))
+    assert sorted(r.key for r in recs) == [
+        "evaluate/pancreas/diagonal/seed0",
+        "evaluate/pancreas/diagonal/seed1",
+        "evaluate/pancreas/mob-b3-r16/seed0",
+        "evaluate/pancreas/mob-b3-r16/seed1",
+    ]
+    rec = next(r for r in recs if r.key == "evaluate/pancreas/mob-b3-r16/seed1")
+    assert rec.status == "done" and rec.params["method"] == "mob" and rec.params["bases"] == 3
+    rows, pooled = read_metrics_csv(study.root / rec.outputs["metrics_csv"])
+    assert [r["case"] for r in rows] == list(fakes.CASES) and pooled is not None
+    # independent recomputation of the Dice of every case from the generator
+    dices = []
+    for i, row in enumerate(rows):
+        pred = fakes.prediction(i, 1.5 + 0.1, 0.3 - 0.2)["prob"] > 0.5
+        gt = fakes.gt_mask(i).astype(bool)
+        d = 2 * (pred & gt).sum() / (pred.sum() + gt.sum())
+        assert row["dice"] == pytest.approx(d)
+        dices.append(d)
+    summary = rec.outputs["summary"]
+    assert summary["dice"] == pytest.approx(np.mean(dices))
+    assert summary["n_cases"] == 3 and summary["n_nan_dice"] == 0
+    # phantom raters (3 annotators) and p* come from mobseg.data.references
+    assert not math.isnan(rows[0]["ged2"]) and rows[0]["n_references"] == 3
+    assert summary["pstar_mae"] is not None and summary["pstar_mae"] > 0
+    rel = json.loads((study.root / rec.outputs["reliability_json"]).read_text())
+    assert sum(rel["count"]) == pooled["n_voxels"] == 3 * int(np.prod(fakes.SHAPE))
+    assert len(rel["edges"]) == 16
+
+
+def test_done_runs_are_skipped_unless_forced(study: Workspace) -> None:
+    first = run(study, EvaluateParams(organ="pancreas"))
+    again = run(study, EvaluateParams(organ="pancreas"))
+    assert [r.attempts for r in again] == [1, 1, 1, 1]
+    assert [r.finished for r in again] == [r.finished for r in first]
+    forced = run(study, EvaluateParams(organ="pancreas", seed=0), force=True)
+    assert [r.attempts for r in forced] == [2, 2]
+
+
+def test_filters_by_method_and_seed(study: Workspace) -> None:
+    recs = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=1))
+    assert [r.key for r in recs] == ["evaluate/pancreas/diagonal/seed1"]
+    with pytest.raises(MissingStageError, match=r"lowrank-r16/seed0.*mobseg predict"):
+        run(study, EvaluateParams(organ="pancreas", head=HeadConfig("lowrank"), seed=0))
+
+
+def test_roi_region_has_its_own_key_and_files(study: Workspace) -> None:
+    recs = run(study, EvaluateParams(organ="pancreas", seed=0, region="roi", margin=2))
+    assert {r.key for r in recs} == {
+        "evaluate/pancreas/diagonal/seed0/roi",
+        "evaluate/pancreas/mob-b3-r16/seed0/roi",
+    }
+    rec = recs[0]
+    assert rec.outputs["metrics_csv"].endswith("metrics_roi.csv")
+    rows, pooled = read_metrics_csv(study.root / rec.outputs["metrics_csv"])
+    assert pooled is not None and pooled["n_voxels"] < 3 * np.prod(fakes.SHAPE)
+
+
+def test_without_predictions_names_the_command(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path).ensure()
+    with pytest.raises(MissingStageError, match="mobseg predict --organ pancreas"):
+        run(ws, EvaluateParams(organ="pancreas"))
+
+
+def test_missing_prediction_file_names_the_case_and_fails_the_record(study: Workspace) -> None:
+    pred_dir = study.prediction_dir("pancreas", "diagonal", 0)
+    (pred_dir / "s0001_prob.nii.gz").unlink()
+    with pytest.raises(InvalidInputError, match=r"\[case s0001, .*seed0\] No prediction"):
+        run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
+
+
+def test_broken_probability_fails_the_record_with_the_case(study: Workspace) -> None:
+    path = study.prediction_dir("pancreas", "diagonal", 1) / "s0002_prob.nii.gz"
+    img = sitk.ReadImage(str(path))
+    arr = sitk.GetArrayFromImage(img) * 2.0
+    bad = sitk.GetImageFromArray(arr)
+    bad.CopyInformation(img)
+    sitk.WriteImage(bad, str(path))
+    with pytest.raises(InvalidInputError, match=r"\[case s0002, .*s0002_prob.nii.gz\].*\[0, 1\]"):
+        run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=1))
+    rec = Manifest(study.manifest_path).get("evaluate/pancreas/diagonal/seed1")
+    assert rec is not None and rec.status == "failed" and "s0002" in (rec.error or "")
+
+
+def test_predictions_of_a_custom_input_are_skipped(study: Workspace) -> None:
+    man = Manifest(study.manifest_path)
+    key = "predict/pancreas/diagonal/seed0"
+
+    def change(rec):  # type: ignore[no-untyped-def]
+        rec.params["input"] = "/somewhere/else"
+        return rec
+
+    man.update(key, change)
+    recs = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal")))
+    assert [r.key for r in recs] == ["evaluate/pancreas/diagonal/seed1"]
+
+
+def test_standalone_mode_scores_any_folder(study: Workspace, tmp_path: Path) -> None:
+    pred = study.prediction_dir("pancreas", "mob-b3-r16", 0)
+    gt = study.nnunet_raw / "Dataset501_pancreas" / "labelsTs"
+    out = tmp_path / "scores" / "m.csv"
+    (rec,) = run(study, EvaluateParams(pred=pred, gt=gt, out=out))
+    assert rec.outputs["metrics_csv"] == str(out)
+    rows, pooled = read_metrics_csv(out)
+    assert len(rows) == 3 and pooled is not None and pooled["n_cases"] == 3
+    assert rec.outputs["dice"] == pytest.approx(pooled["dice"])
+    assert Manifest(study.manifest_path).find("evaluate") == []  # nothing recorded
+    with pytest.raises(ConfigurationError, match="--pred, --gt and --out together"):
+        run(study, EvaluateParams(pred=pred, out=out))
+    with pytest.raises(ConfigurationError, match="cannot be combined"):
+        run(study, EvaluateParams(organ="pancreas", pred=pred, gt=gt, out=out))
+
+
+def test_cli_standalone_success_and_one_line_errors(study: Workspace, tmp_path: Path) -> None:
+    pred = tmp_path / "pred"
+    shutil.copytree(study.prediction_dir("pancreas", "diagonal", 0), pred)
+    gt = study.nnunet_raw / "Dataset501_pancreas" / "labelsTs"
+    out = tmp_path / "m.csv"
+    args = ["--workdir", str(study.root), "--quiet", "evaluate"]
+    ok = runner.invoke(app, [*args, "--pred", str(pred), "--gt", str(gt), "--out", str(out)])
+    assert ok.exit_code == 0, ok.output
+    assert out.read_text().splitlines()[-1].startswith("ALL,")
+    # a prediction on another grid: exit 1, one line naming the case
+    img = sitk.ReadImage(str(pred / "s0001_prob.nii.gz"))
+    img.SetSpacing((9.0, 9.0, 9.0))
+    sitk.WriteImage(img, str(pred / "s0001_prob.nii.gz"))
+    bad = runner.invoke(app, [*args, "--pred", str(pred), "--gt", str(gt), "--out", str(out)])
+    assert bad.exit_code == 1
+    lines = [ln for ln in bad.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "case s0001" in lines[0] and "grid" in lines[0]
+    region = runner.invoke(app, [*args, "--organ", "pancreas", "--region", "box"])
+    assert region.exit_code == 1 and "--region must be all or roi" in region.output
