@@ -1,0 +1,129 @@
+"""Report tables: aggregation over seeds, best in bold, paper columns, renderers."""
+
+from __future__ import annotations
+
+import csv
+import io
+
+import numpy as np
+import pytest
+
+from mobseg.report.collect import RunResult, StudyResults, row_keys
+from mobseg.report.paper import PAPER_DICE
+from mobseg.report.tables import (
+    Cell,
+    all_tables,
+    latex_escape,
+    metric_table,
+    to_csv,
+    to_html,
+    to_latex,
+    to_markdown,
+)
+
+
+def _run(organ: str, tag: str, method: str, seed: int, **summary: float) -> RunResult:
+    bases = int(tag.split("-b")[1].split("-")[0]) if method == "mob" else None
+    return RunResult(organ, tag, seed, method, bases, dict(summary))
+
+
+def _results() -> StudyResults:
+    res = StudyResults()
+    for seed, (d_mob, d_diag) in enumerate([(0.84, 0.80), (0.86, 0.81), (0.85, 0.79)]):
+        res.runs.append(_run("pancreas", "mob-b3-r16", "mob", seed, dice=d_mob, nll=0.2, ece=0.01))
+        res.runs.append(_run("pancreas", "diagonal", "diagonal", seed, dice=d_diag, nll=0.3))
+    res.runs.append(_run("pancreas", "mob-b5-r16", "mob", 0, dice=0.83, nll=0.25))
+    return res
+
+
+def _dice_table(res: StudyResults):  # type: ignore[no-untyped-def]
+    return metric_table(
+        res,
+        name="t",
+        title="Table 2: Dice (%)",
+        caption="c",
+        metric="dice",
+        scale=100,
+        decimals=2,
+        higher_is_better=True,
+        paper=PAPER_DICE,
+    )
+
+
+def test_mean_and_sample_std_over_seeds_and_best_bold() -> None:
+    table = _dice_table(_results())
+    labels = table.column_texts(0)
+    assert labels[:5] == [
+        "Deterministic (nnU-Net backbone)",
+        "Diagonal",
+        "Diagonal + Low-rank",
+        "Single-Basis",
+        "Mixture-of-Bases",
+    ]
+    assert labels[5] == "Mixture-of-Bases (M=5, mob-b5-r16)"
+    mob = table.rows[4][1]
+    assert mob.mean == pytest.approx(85.0)
+    assert mob.std == pytest.approx(np.std([84, 86, 85], ddof=1))
+    assert mob.n == 3 and mob.plain() == "85.00 \u00b1 1.00" and mob.bold
+    assert not table.rows[1][1].bold
+    assert table.rows[5][1].plain() == "83.00"  # one seed: mean only
+    assert table.rows[0][1].plain() == "-"  # backbone not run
+    assert table.rows[0][2].plain() == "80.50 \u00b1 0.33" and table.rows[0][2].paper
+    assert table.rows[5][2].plain() == "-"  # ablation row has no published value
+    assert table.columns == ["Method", "Pancreas", "Pancreas (paper)", "Seeds"]
+
+
+def test_renderers_markdown_latex_html_csv() -> None:
+    table = _dice_table(_results())
+    md = to_markdown(table)
+    assert "| **85.00 \u00b1 1.00** |" in md and "*80.37 \u00b1 0.38*" in md
+    tex = to_latex(table)
+    assert r"\toprule" in tex and r"\bottomrule" in tex and r"\midrule" in tex
+    assert r"\textbf{85.00 $\pm$ 1.00}" in tex
+    assert r"\caption{Dice (\%). c}" in tex  # LaTeX numbers the table itself
+    assert tex.count(r"\\") == 1 + len(table.rows)
+    page = to_html(table)
+    assert "<b>85.00 \u00b1 1.00</b>" in page and 'class="paper"' in page
+    rows = list(csv.DictReader(io.StringIO(to_csv(table))))
+    mob = next(r for r in rows if r["tag"] == "mob-b3-r16")
+    assert float(mob["mean"]) == pytest.approx(85.0) and mob["best"] == "1"
+    assert float(mob["paper_mean"]) == 84.91 and mob["n"] == "3"
+    backbone = next(r for r in rows if r["tag"] == "backbone")
+    assert backbone["mean"] == "" and backbone["n"] == "0"
+
+
+def test_latex_escaping() -> None:
+    assert latex_escape("a_b & 5% #1 \u00b1 GED\u00b2") == r"a\_b \& 5\% \#1 $\pm$ GED$^2$"
+    assert Cell(mean=float("nan")).plain() == "-"
+
+
+def test_canonical_rows_and_ablation_rows() -> None:
+    # the default tag of a method carries the paper's row; a sole other tag takes its place
+    rows = row_keys({("lowrank-r4", "lowrank", None), ("mob-b3-r16", "mob", 3)})
+    by_tag = {r.tag: r for r in rows}
+    assert by_tag["lowrank-r4"].paper_row == "Diagonal + Low-rank"
+    assert by_tag["mob-b3-r16"].paper_row == "Mixture-of-Bases"
+    present = {("mob-b3-r16", "mob", 3), ("mob-b1-r16", "mob", 1)}
+    rows = row_keys(present | {("deterministic", "deterministic", None)})
+    labels = [r.label for r in rows]
+    assert "Deterministic (fine-tuned control)" in labels
+    assert labels.index("Mixture-of-Bases") < labels.index("Mixture-of-Bases (M=1, mob-b1-r16)")
+    assert {r.tag for r in rows if r.paper_row} == {
+        "backbone",
+        "diagonal",
+        "lowrank-r16",
+        "single-basis-r16",
+        "mob-b3-r16",
+    }
+
+
+def test_empty_results_give_dashes_and_paper_values() -> None:
+    tables = {t.name: t for t in all_tables(StudyResults())}
+    dice = tables["table2_dice"]
+    assert dice.columns[1:9:2] == ["Pancreas", "Gallbladder", "Duodenum", "AG (L)"]
+    assert all(c == "-" for c in dice.column_texts(1))
+    assert dice.column_texts(2)[4] == "84.91 \u00b1 0.32"
+    splits = tables["table1_splits"]
+    assert splits.column_texts(1) == ["-"] * 4 and splits.column_texts(5)[0] == "648"
+    assert tables["table6_runs"].rows == []
+    assert "table4b_calibration_roi" not in tables

@@ -1,0 +1,119 @@
+"""Stage report end to end on a fake study: evaluate, then tables, figures, md and html."""
+
+from __future__ import annotations
+
+import base64
+import importlib.util
+import re
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from mobseg.cli import app
+from mobseg.errors import InvalidInputError
+from mobseg.manifest import Manifest
+from mobseg.stages import evaluate
+from mobseg.stages.report import ReportParams, run
+from mobseg.workspace import Workspace
+
+runner = CliRunner()
+
+
+def _fakes() -> ModuleType:
+    path = Path(__file__).resolve().parents[1] / "report" / "report_fakes.py"
+    spec = importlib.util.spec_from_file_location("report_fakes", path)
+    assert spec is not None and spec.loader is not None
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+fakes = _fakes()
+
+
+@pytest.fixture(scope="module")
+def reported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
+    ws = fakes.build_study(tmp_path_factory.mktemp("study") / "work")
+    evaluate.run(ws, evaluate.EvaluateParams(organ="pancreas"))
+    rec = run(ws, ReportParams())
+    return ws, rec.outputs
+
+
+def test_writes_tables_figures_and_documents(reported: tuple[Workspace, dict]) -> None:
+    ws, out = reported
+    root = ws.report_dir
+    for name in ("splits", "dice", "nll", "calibration", "uncertainty", "runs"):
+        stems = [p for p in (root / "tables").glob(f"table*_{name}.*")]
+        assert sorted(p.suffix for p in stems) == [".csv", ".md", ".tex"], name
+    assert set(out["figures"]) == {
+        "figures/reliability.png",
+        "figures/dice_vs_bases.png",
+        "figures/risk_coverage.png",
+        "figures/case_pancreas.png",
+    }
+    for fig in out["figures"]:
+        with Image.open(root / fig) as im:
+            assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
+    rec = Manifest(ws.manifest_path).get("report")
+    assert rec is not None and rec.status == "done" and rec.outputs["runs"] == 4
+
+
+def test_every_run_is_listed_and_missing_cells_are_dashes(
+    reported: tuple[Workspace, dict],
+) -> None:
+    ws, out = reported
+    md = Path(out["report_md"]).read_text()
+    page = Path(out["report_html"]).read_text()
+    for tag in ("diagonal", "mob-b3-r16"):
+        for seed in (0, 1):
+            row = re.compile(rf"\| Pancreas \| [^|]+ \| {re.escape(tag)} \| {seed} \| 3 \|")
+            assert row.search(md), (tag, seed)
+            assert f"<td>{tag}</td><td>{seed}</td>" in page
+    dice = (ws.report_dir / "tables" / "table2_dice.md").read_text()
+    backbone = next(ln for ln in dice.splitlines() if ln.startswith("| Deterministic"))
+    assert backbone.split("|")[2].strip() == "-"  # not run -> dash, paper value beside
+    assert backbone.split("|")[3].strip() == "*80.50 \u00b1 0.33*"
+    mob = next(ln for ln in dice.splitlines() if ln.startswith("| Mixture-of-Bases |"))
+    assert "**" in mob.split("|")[2]  # the better fake method is bold
+    assert "\u00b1" in mob.split("|")[2]  # two seeds: mean +- std
+    for caption in ("Figure 1: Reliability", "Figure 2: Risk-coverage", "Figure 3: Dice"):
+        assert caption in md and caption in page
+
+
+def test_html_is_self_contained(reported: tuple[Workspace, dict]) -> None:
+    _, out = reported
+    page = Path(out["report_html"]).read_text()
+    images = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(images) == len(out["figures"])
+    assert all(base64.b64decode(i)[:8] == b"\x89PNG\r\n\x1a\n" for i in images)
+    assert 'src="figures/' not in page and "<style>" in page
+
+
+def test_partial_and_empty_studies_never_crash(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "empty").ensure()
+    rec = run(ws, ReportParams(out=tmp_path / "out"))
+    md = Path(rec.outputs["report_md"]).read_text()
+    assert "No evaluated run" in md and "84.91" in md  # paper values still shown
+    assert rec.outputs["figures"] == []
+    # a run whose CSV vanished: tables still come from the record, figures skip it
+    only_mob = {"mob-b3-r16": fakes.RUNS["mob-b3-r16"]}
+    ws2 = fakes.build_study(tmp_path / "w2", seeds=(0,), runs=only_mob)
+    (r,) = evaluate.run(ws2, evaluate.EvaluateParams(organ="pancreas"))
+    (ws2.root / r.outputs["metrics_csv"]).unlink()
+    rec2 = run(ws2, ReportParams())
+    dice = (ws2.report_dir / "tables" / "table2_dice.md").read_text()
+    assert "| Mixture-of-Bases | **" in dice
+    assert "figures/risk_coverage.png" not in rec2.outputs["figures"]
+
+
+def test_case_option(reported: tuple[Workspace, dict], tmp_path: Path) -> None:
+    ws, _ = reported
+    rec = run(ws, ReportParams(out=tmp_path / "r", case="s0002"))
+    assert "case s0002 (chosen with --case)" in Path(rec.outputs["report_md"]).read_text()
+    with pytest.raises(InvalidInputError, match="'nope' is not a test case"):
+        run(ws, ReportParams(out=tmp_path / "r2", case="nope"))
+    result = runner.invoke(app, ["--workdir", str(ws.root), "report", "--case", "nope"])
+    assert result.exit_code == 1 and "nope" in result.output
