@@ -27,6 +27,7 @@ import logging
 import multiprocessing as mp
 import os
 import re
+import shutil
 import signal
 import time
 import traceback
@@ -316,7 +317,7 @@ class ProcessExecutor:
                     log=run.log,
                     infrastructure=True,
                 )
-            self.free.extend(run.gpus)
+            self.free = sorted([*self.free, *run.gpus], key=self.gpus.index)
             outcomes.append(outcome)
         return outcomes
 
@@ -397,8 +398,16 @@ class SubmititExecutor:
     ) -> None:
         import submitit
 
+        from mobseg.errors import ConfigurationError
+
         if cluster not in ("slurm", "local", "debug"):
             raise ValueError(f"cluster must be slurm, local or debug, got {cluster!r}.")
+        if cluster == "slurm" and (shutil.which("srun") is None or shutil.which("sbatch") is None):
+            raise ConfigurationError(
+                "Slurm's srun and sbatch are not on this machine's PATH.",
+                "Run `mobseg study --executor slurm` on a login node of the cluster, or use "
+                "--executor local.",
+            )
         self.root = Path(root)
         self.cluster = cluster
         self.name = "slurm" if cluster == "slurm" else f"submitit-{cluster}"
@@ -505,6 +514,10 @@ class SubmititExecutor:
                     for job, force in group
                 ]
             for (job, force), handle in zip(group, handles, strict=True):
+                if self.cluster != "slurm" and hasattr(handle, "_results_timeout_s"):
+                    # submitit waits this long for a result file that a killed job
+                    # never writes; 15 s is meant for slow shared file systems.
+                    handle._results_timeout_s = 2
                 self._running[job.key] = (job, force, handle)
                 self._attempts[job.key] = self._attempts.get(job.key, 0) + 1
                 ids[job.key] = {"job_id": str(handle.job_id), "folder": str(handle.paths.folder)}

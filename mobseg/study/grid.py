@@ -527,7 +527,9 @@ def expand(spec: StudySpec) -> Plan:
                 )
             )
             plan.add(Job("predict", pk, _predict_params(spec, organ, head, seed), (fk,), **where))
-            plan.add(Job("evaluate", ek, _evaluate_params(organ, head, seed), (pk,), **where))
+            plan.add(
+                Job("evaluate", ek, _evaluate_params(organ, head, seed), (pk,), gpus=0, **where)
+            )
             if ek not in evaluations:
                 evaluations.append(ek)
 
@@ -545,7 +547,7 @@ def expand(spec: StudySpec) -> Plan:
                     **where,
                 )
             )
-            plan.add(Job("evaluate", ek, _evaluate_params(organ, None, 0), (pk,), **where))
+            plan.add(Job("evaluate", ek, _evaluate_params(organ, None, 0), (pk,), gpus=0, **where))
             evaluations.append(ek)
 
     for extra in spec.extra_predictions:

@@ -142,6 +142,8 @@ def _run(
     dependents = plan.dependents()
 
     def ready(job: Job) -> bool:
+        if state[job.key] != "todo":
+            return False
         deps = [state[d] for d in job.deps]
         if job.after_any:
             return all(s in _SETTLED for s in deps) and (
