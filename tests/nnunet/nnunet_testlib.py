@@ -1,0 +1,228 @@
+"""Helpers for the nnU-Net tests: hand-written micro plans, stub networks, a cached workspace.
+
+Everything here is small: a 3-stage plain U-Net with (4, 8, 16) features and a
+16^3 patch, built from a plans dict written by hand (no nnU-Net planning), and
+stub "networks" whose logit samples are known functions of the input, so the
+Monte-Carlo predictor can be checked against brute force.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobseg.workspace import Workspace
+
+MICRO_ARCH = {
+    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
+    "arch_kwargs": {
+        "n_stages": 3,
+        "features_per_stage": [4, 8, 16],
+        "conv_op": "torch.nn.modules.conv.Conv3d",
+        "kernel_sizes": [[3, 3, 3]] * 3,
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "n_conv_per_stage": [1, 1, 1],
+        "n_conv_per_stage_decoder": [1, 1],
+        "conv_bias": True,
+        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
+        "dropout_op": None,
+        "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU",
+        "nonlin_kwargs": {"inplace": True},
+    },
+    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+}
+
+
+def micro_plans(
+    spacing: tuple[float, float, float] = (3.0, 3.0, 3.0),
+    transpose_forward: tuple[int, int, int] = (0, 1, 2),
+    patch: tuple[int, int, int] = (16, 16, 16),
+) -> dict[str, Any]:
+    """An nnU-Net plans dict for a micro 3d_fullres configuration (CT normalisation)."""
+    tf = list(transpose_forward)
+    tb = [tf.index(i) for i in range(3)]
+    return {
+        "dataset_name": "Dataset990_micro",
+        "plans_name": "microPlans",
+        "original_median_spacing_after_transp": list(spacing),
+        "original_median_shape_after_transp": [32, 32, 32],
+        "image_reader_writer": "SimpleITKIO",
+        "transpose_forward": tf,
+        "transpose_backward": tb,
+        "configurations": {
+            "3d_fullres": {
+                "data_identifier": "microPlans_3d_fullres",
+                "preprocessor_name": "DefaultPreprocessor",
+                "batch_size": 2,
+                "patch_size": list(patch),
+                "median_image_size_in_voxels": [32.0, 32.0, 32.0],
+                "spacing": list(spacing),
+                "normalization_schemes": ["CTNormalization"],
+                "use_mask_for_norm": [False],
+                "resampling_fn_data": "resample_data_or_seg_to_shape",
+                "resampling_fn_seg": "resample_data_or_seg_to_shape",
+                "resampling_fn_data_kwargs": {
+                    "is_seg": False,
+                    "order": 3,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "resampling_fn_seg_kwargs": {
+                    "is_seg": True,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+                "resampling_fn_probabilities_kwargs": {
+                    "is_seg": False,
+                    "order": 1,
+                    "order_z": 0,
+                    "force_separate_z": None,
+                },
+                "architecture": copy.deepcopy(MICRO_ARCH),
+                "batch_dice": False,
+            }
+        },
+        "experiment_planner_used": "ExperimentPlanner",
+        "label_manager": "LabelManager",
+        "foreground_intensity_properties_per_channel": {
+            "0": {
+                "max": 1500.0,
+                "mean": 40.0,
+                "median": 40.0,
+                "min": -1000.0,
+                "percentile_00_5": -1000.0,
+                "percentile_99_5": 1200.0,
+                "std": 300.0,
+            }
+        },
+    }
+
+
+DATASET_JSON = {
+    "channel_names": {"0": "CT"},
+    "labels": {"background": 0, "pancreas": 1},
+    "numTraining": 1,
+    "file_ending": ".nii.gz",
+}
+
+
+def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:
+    """nnU-Net's PlansManager and the 3d_fullres ConfigurationManager of ``plans``."""
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    pm = PlansManager(copy.deepcopy(plans or micro_plans()))
+    return pm, pm.get_configuration("3d_fullres")
+
+
+# -- stub distributions and networks -------------------------------------------------
+class StubDist:
+    """A logit distribution whose k samples are fixed tensors (for brute-force checks).
+
+    ``rsample(c)`` returns the next c of the k given samples (cycling), and
+    records every requested chunk size.
+    """
+
+    def __init__(self, mean: torch.Tensor, samples: torch.Tensor | None, log: list) -> None:
+        self.mean = mean
+        self.samples = samples  # (k, B, C, *sp) or None for a point mass
+        self.is_deterministic = samples is None
+        self.device = mean.device
+        self._next = 0
+        self.log = log
+
+    def rsample(self, k: int, generator: Any = None, antithetic: bool = False) -> torch.Tensor:
+        assert self.samples is not None
+        self.log.append(k)
+        n = self.samples.shape[0]
+        idx = [(self._next + i) % n for i in range(k)]
+        self._next += k
+        return self.samples[idx]
+
+
+def stub_logits(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """mu and k samples for an input patch x (B, 1, *sp); samples depend on the tile.
+
+    mu = (0, sin(x)); sample i adds (0, s_i * (1 + t)) with s_i = (i - (k-1)/2) / 2
+    and t = |x at the tile's first voxel| / 100, a tile-specific offset, so
+    overlapping tiles disagree and stitching matters.
+    """
+    mu = torch.cat([torch.zeros_like(x), torch.sin(x)], dim=1)
+    t = x[:, :1, :1, :1, :1].abs() / 100.0
+    s = [(i - (k - 1) / 2.0) / 2.0 for i in range(k)]
+    extra = torch.stack(
+        [torch.cat([torch.zeros_like(x), torch.ones_like(x) * si * (1 + t)], dim=1) for si in s]
+    )
+    return mu, mu[None] + extra
+
+
+class StubNet(nn.Module):
+    """Stand-in for :class:`StochasticUNet` in predictor tests."""
+
+    def __init__(self, k: int, point_mass: bool = False) -> None:
+        super().__init__()
+        self.k = k
+        self.point_mass = point_mass
+        self.decoder = nn.Module()
+        self.decoder.deep_supervision = False
+        self.calls = 0
+        self.chunks: list[int] = []
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor, stochastic: bool = False) -> Any:
+        self.calls += 1
+        mu, samples = stub_logits(x, self.k)
+        if not stochastic:
+            return mu
+        return mu, StubDist(mu, None if self.point_mass else samples, self.chunks)
+
+
+# -- a pretrained micro workspace, built once per test session -----------------------
+_CACHE: dict[str, Workspace] = {}
+_LOCK = threading.Lock()
+
+
+def pretrained_micro_workspace(root: Path) -> Workspace:
+    """A workspace with a prepared 6-case 32^3 phantom and a micro backbone (cached).
+
+    Built on first use under ``root`` (prepare -> pretrain with the ``micro``
+    preset); later calls in the same session return the same workspace. Tests
+    must not ``force`` its pretrain and should use their own method/seed keys.
+    """
+    with _LOCK:
+        if "ws" in _CACHE:
+            return _CACHE["ws"]
+        from mobseg.stages import prepare, pretrain
+
+        ws = Workspace(root).ensure()
+        names = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results", "nnUNet_n_proc_DA")
+        saved = {k: os.environ.pop(k, None) for k in names}
+        try:
+            prepare.run(
+                ws,
+                prepare.PrepareParams(
+                    organ="pancreas", source="phantom", num_cases=6, size=32, seed=0
+                ),
+            )
+            pretrain.run(ws, pretrain.PretrainParams("pancreas", preset="micro", device="cpu"))
+        finally:
+            for k, v in saved.items():
+                os.environ.pop(k, None)
+                if v is not None:
+                    os.environ[k] = v
+        _CACHE["ws"] = ws
+        return ws
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))

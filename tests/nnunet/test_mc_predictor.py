@@ -1,0 +1,126 @@
+"""Monte-Carlo predictor: stitched moments against a brute-force reference."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from nnunet_testlib import DATASET_JSON, StubNet, managers, micro_plans, stub_logits
+
+from mobseg.nnunet.predictor import MCPredictor
+
+
+def _predictor(net: StubNet, k: int, chunk: int, tta: bool = False, patch=(16, 16, 16)):
+    pm, cm = managers(micro_plans(patch=patch))
+    pred = MCPredictor(samples=k, chunk=chunk, tile_step_size=0.5, use_mirroring=tta, device="cpu")
+    pred.setup(net, pm, cm, DATASET_JSON, (0, 1, 2), point_mass=net.point_mass)
+    return pred
+
+
+def _moments_of_samples(samples: torch.Tensor) -> torch.Tensor:
+    """E[p], E[p^2], E[H] over the sample axis, all samples in memory: (2C+1, *sp)."""
+    p = torch.softmax(samples.double(), dim=2)[:, 0]  # (k, C, *sp)
+    h = -(p * torch.log(p)).sum(1, keepdim=True)
+    return torch.cat([p.mean(0), (p**2).mean(0), h.mean(0)]).float()
+
+
+def _tile_starts(size: int, tile: int, step: float = 0.5) -> list[int]:
+    """Evenly spread tile starts covering [0, size) with steps of at most step * tile."""
+    n = int(np.ceil((size - tile) / (tile * step))) + 1
+    if n == 1:
+        return [0]
+    return [int(np.round(i * (size - tile) / (n - 1))) for i in range(n)]
+
+
+def _gaussian(tile: tuple[int, int, int]) -> torch.Tensor:
+    """nnU-Net's importance map: a Gaussian, sigma = tile / 8, max 10, no zeros."""
+    from scipy.ndimage import gaussian_filter
+
+    g = np.zeros(tile)
+    g[tuple(t // 2 for t in tile)] = 1
+    g = gaussian_filter(g, [t / 8 for t in tile], 0, mode="constant", cval=0)
+    g = g / g.max() * 10
+    t = torch.from_numpy(g).half().float()  # nnU-Net builds it in float16
+    t[t == 0] = t[t > 0].min()
+    return t
+
+
+def _brute_force(image: torch.Tensor, k: int, tile=(16, 16, 16)) -> torch.Tensor:
+    """Gaussian-weighted average of each tile's exact sample moments, voxel by voxel."""
+    shape = image.shape[1:]
+    num = torch.zeros((5, *shape))
+    den = torch.zeros(shape)
+    g = _gaussian(tile)
+    starts = [_tile_starts(s, t) for s, t in zip(shape, tile, strict=True)]
+    for sx in starts[0]:
+        for sy in starts[1]:
+            for sz in starts[2]:
+                sl = (slice(sx, sx + tile[0]), slice(sy, sy + tile[1]), slice(sz, sz + tile[2]))
+                x = image[(slice(None), *sl)][None]
+                _, samples = stub_logits(x, k)
+                num[(slice(None), *sl)] += _moments_of_samples(samples) * g
+                den[sl] += g
+    return num / den
+
+
+@pytest.mark.parametrize("shape", [(16, 16, 16), (24, 20, 33)])
+def test_stitched_moments_equal_brute_force(shape: tuple[int, int, int]) -> None:
+    torch.manual_seed(0)
+    image = torch.randn(1, *shape) * 3
+    k = 5
+    net = StubNet(k)
+    got = _predictor(net, k, chunk=2).predict_moments(image.numpy())
+    ref = _brute_force(image, k)
+    assert got.shape == (5, *shape) and got.dtype == torch.float32
+    torch.testing.assert_close(got, ref, atol=2e-5, rtol=1e-4)
+    # samples were drawn at most `chunk` at a time, k per tile
+    n_tiles = net.calls
+    assert max(net.chunks) <= 2 and sum(net.chunks) == k * n_tiles
+
+
+def test_stitched_variance_and_information_are_non_negative() -> None:
+    torch.manual_seed(1)
+    image = torch.randn(1, 24, 20, 33) * 3
+    m = _predictor(StubNet(4), 4, chunk=4).predict_moments(image.numpy())
+    var = m[2:4] - m[0:2] ** 2
+    assert (var > -1e-6).all()
+    p = m[0:2]
+    h = -(p * torch.log(p)).sum(0)
+    assert (h - m[4] > -1e-6).all()
+    torch.testing.assert_close(p.sum(0), torch.ones_like(p[0]))
+
+
+def test_image_smaller_than_the_patch_is_padded_and_cropped_back() -> None:
+    torch.manual_seed(2)
+    image = torch.randn(1, 10, 16, 7)
+    net = StubNet(3)
+    got = _predictor(net, 3, chunk=3).predict_moments(image.numpy())
+    assert got.shape == (5, 10, 16, 7) and net.calls == 1
+    # one tile: the moments of the padded tile, cropped back
+    padded = torch.zeros(1, 16, 16, 16)
+    padded[:, 3:13, :, 4:11] = image  # nnU-Net pads evenly on both sides
+    _, samples = stub_logits(padded[None], 3)
+    ref = _moments_of_samples(samples)[:, 3:13, :, 4:11]
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
+
+
+def test_point_mass_is_evaluated_once_per_tile() -> None:
+    torch.manual_seed(3)
+    image = torch.randn(1, 16, 16, 16)
+    net = StubNet(30, point_mass=True)
+    got = _predictor(net, 30, chunk=10).predict_moments(image.numpy())
+    assert net.chunks == []  # no sampling
+    p = torch.softmax(torch.cat([torch.zeros_like(image), torch.sin(image)]).double(), 0).float()
+    torch.testing.assert_close(got[:2], p)
+    torch.testing.assert_close(got[2:4], p**2)
+
+
+def test_mirroring_counts_as_more_samples() -> None:
+    """Mirrored passes (8 per tile) average moments; a per-voxel model is mirror-equivariant."""
+    torch.manual_seed(4)
+    image = torch.randn(1, 16, 16, 16)
+    plain_net, tta_net = StubNet(2, point_mass=True), StubNet(2, point_mass=True)
+    plain = _predictor(plain_net, 2, 2).predict_moments(image.numpy())
+    tta = _predictor(tta_net, 2, 2, tta=True).predict_moments(image.numpy())
+    assert tta_net.calls == 8 * plain_net.calls
+    torch.testing.assert_close(tta, plain)

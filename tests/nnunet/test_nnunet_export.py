@@ -1,0 +1,169 @@
+"""Export of stitched moments to the input CT's grid (real CT via ``totalseg_example``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunet_testlib import DATASET_JSON, managers, micro_plans
+
+from mobseg.core.config import HeadConfig
+from mobseg.data.nifti import Geometry
+from mobseg.nnunet.export import derive_maps, export_moments, moments_to_original_grid
+from mobseg.nnunet.network import build_backbone
+from mobseg.stages.predict import PredictParams, predict_files
+
+
+def test_derive_maps_hand_computed_values() -> None:
+    # one voxel: E[p] = (0.3, 0.7), E[p^2] = (0.1, 0.5), E[H] = 0.4
+    m = np.array([0.3, 0.7, 0.1, 0.5, 0.4], dtype=np.float32).reshape(5, 1, 1, 1)
+    out = derive_maps(m, 2, point_mass=False)
+    h = -(0.3 * np.log(0.3) + 0.7 * np.log(0.7))
+    assert out["seg"].dtype == np.uint8 and out["seg"].item() == 1
+    assert out["prob"].item() == pytest.approx(0.7)
+    assert out["var"].item() == pytest.approx(0.5 - 0.49, abs=1e-6)
+    assert out["entropy"].item() == pytest.approx(h, rel=1e-5)
+    assert out["mi"].item() == pytest.approx(h - 0.4, rel=1e-5)
+    point = derive_maps(m, 2, point_mass=True)
+    assert point["var"].item() == 0.0 and point["mi"].item() == 0.0
+
+
+def test_derive_maps_clips_rounding_and_handles_p_zero() -> None:
+    m = np.array([1.0, 0.0, 1.0, 1e-9, 0.0], dtype=np.float32).reshape(5, 1, 1, 1)
+    out = derive_maps(m, 2, point_mass=False)
+    assert out["entropy"].item() == 0.0 and np.isfinite(out["entropy"]).all()
+    assert out["var"].item() >= 0.0 and out["mi"].item() == 0.0
+
+
+def test_derive_maps_multiclass_gives_vectors() -> None:
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(3), size=(2, 2, 2)).transpose(3, 0, 1, 2).astype(np.float32)
+    m = np.concatenate([p, p**2 + 0.01, np.zeros((1, 2, 2, 2), np.float32)])
+    out = derive_maps(m, 3, point_mass=False)
+    assert out["prob"].shape == (2, 2, 2, 2) and out["var"].shape == (2, 2, 2, 2)
+    np.testing.assert_array_equal(out["seg"], p.argmax(0))
+
+
+def test_uncrop_and_untranspose_on_synthetic_properties() -> None:
+    pm, cm = managers(micro_plans(transpose_forward=(2, 0, 1)))
+    # nnU-Net transposes first, then crops: shape and bbox are in the transposed
+    # frame (x, z, y). Original array (z, y, x) = (6, 7, 8); crop z 1:5, y 2:7, x 0:8.
+    crop = np.zeros((5, 8, 4, 5), np.float32)
+    crop[1] = np.arange(8 * 4 * 5, dtype=np.float32).reshape(8, 4, 5) / 1000
+    crop[0] = 1 - crop[1]
+    crop[2], crop[3], crop[4] = crop[0] ** 2, crop[1] ** 2, 0.1
+    props = {
+        "spacing": [3.0, 3.0, 3.0],
+        "shape_before_cropping": (8, 6, 7),
+        "bbox_used_for_cropping": [[0, 8], [1, 5], [2, 7]],
+        "shape_after_cropping_and_before_resampling": (8, 4, 5),
+    }
+    full = moments_to_original_grid(crop, props, pm, cm, 2)
+    assert full.shape == (5, 6, 7, 8)
+    # inside the crop: the transposed-back values; outside: background certain
+    np.testing.assert_array_equal(full[1, 1:5, 2:7, :], crop[1].transpose(1, 2, 0))
+    assert (full[0, 0] == 1).all() and (full[1, 0] == 0).all() and (full[4, 5] == 0).all()
+    with pytest.raises(ValueError, match=r"\(2C\+1"):
+        moments_to_original_grid(crop[:4], props, pm, cm, 2)
+
+
+def _ct(example: Path) -> Path:
+    return example / "s0000" / "ct.nii.gz"
+
+
+def _expected_prob(ct: np.ndarray) -> np.ndarray:
+    """sigmoid of nnU-Net's CT normalisation with micro_plans' intensity statistics."""
+    x = (np.clip(ct.astype(np.float64), -1000.0, 1200.0) - 40.0) / 300.0
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+@pytest.mark.parametrize("transpose", [(0, 1, 2), (2, 0, 1)])
+def test_export_restores_the_real_ct_voxel_for_voxel(
+    totalseg_example: Path, tmp_path: Path, transpose: tuple[int, int, int]
+) -> None:
+    """A point-mass 'model' p_fg = sigmoid(normalised CT), exported, is that map on the CT grid."""
+    ct_path = _ct(totalseg_example)
+    pm, cm = managers(micro_plans(spacing=(3.0, 3.0, 3.0), transpose_forward=transpose))
+    pre = cm.preprocessor_class(verbose=False)
+    data, _, props = pre.run_case([str(ct_path)], None, pm, cm, DATASET_JSON)
+    x = torch.from_numpy(np.asarray(data[0], dtype=np.float64))
+    p = torch.sigmoid(x)
+    moments = torch.stack([1 - p, p, (1 - p) ** 2, p**2, torch.zeros_like(p)]).float()
+    paths = export_moments(moments, props, pm, cm, 2, True, ct_path, tmp_path, "s0000")
+    ref = sitk.ReadImage(str(ct_path))
+    ct = sitk.GetArrayFromImage(ref)
+    got = sitk.ReadImage(str(paths["prob"]))
+    assert Geometry.of(got) == Geometry.of(ref)
+    arr = sitk.GetArrayFromImage(got)
+    # nnU-Net's crop box lives in the transposed frame: map it back
+    inside_t = np.zeros(props["shape_before_cropping"], dtype=bool)
+    inside_t[tuple(slice(lo, hi) for lo, hi in props["bbox_used_for_cropping"])] = True
+    inside = inside_t.transpose(pm.transpose_backward)
+    expected = np.where(inside, _expected_prob(ct), 0.0)
+    np.testing.assert_allclose(arr, expected, atol=2e-6)
+    assert sitk.ReadImage(str(paths["seg"])).GetPixelID() == sitk.sitkUInt8
+
+
+@dataclass
+class _Model:
+    plans: dict
+    checkpoint: Path
+
+    def load(self) -> tuple[Any, Any, dict]:
+        pm, cm = managers(self.plans)
+        return pm, cm, dict(DATASET_JSON)
+
+
+def _write_micro_checkpoint(path: Path, plans: dict, head: HeadConfig | None = None) -> None:
+    pm, cm = managers(plans)
+    torch.manual_seed(0)
+    if head is None:
+        weights = build_backbone(pm, cm, 1, 2, False).state_dict()
+    else:
+        from mobseg.nnunet.network import build_network
+
+        weights = build_network(pm, cm, 1, 2, head, False).state_dict()
+    torch.save({"network_weights": weights, "inference_allowed_mirroring_axes": (0, 1, 2)}, path)
+
+
+@pytest.mark.parametrize("method", ["backbone", "mob"])
+def test_prediction_on_the_real_ct_keeps_its_geometry(
+    totalseg_example: Path, tmp_path: Path, method: str
+) -> None:
+    """Untrained micro network, 6 mm plans with a transpose: outputs on the CT's exact grid."""
+    ct_path = _ct(totalseg_example)
+    plans = micro_plans(spacing=(6.0, 6.0, 6.0), transpose_forward=(2, 0, 1))
+    ckpt = tmp_path / "model.pth"
+    head = HeadConfig("mob", rank=4, bases=2, partitions=2)
+    _write_micro_checkpoint(ckpt, plans, None if method == "backbone" else head)
+    params = PredictParams(
+        "pancreas", head=head, backbone=method == "backbone", samples=4, chunk=2, device="cpu"
+    )
+    out = tmp_path / "pred"
+    result = predict_files(_Model(plans, ckpt), ckpt, params, {"s0000": ct_path}, out, "cpu")
+    assert result["cases"] == ["s0000"] and result["point_mass"] == (method == "backbone")
+    ref = sitk.ReadImage(str(ct_path))
+    for suffix in ("seg", "prob", "var", "entropy", "mi"):
+        img = sitk.ReadImage(str(out / f"s0000_{suffix}.nii.gz"))
+        assert img.GetSize() == ref.GetSize()
+        assert img.GetSpacing() == ref.GetSpacing()
+        assert img.GetOrigin() == ref.GetOrigin()
+        assert img.GetDirection() == ref.GetDirection()
+        arr = sitk.GetArrayFromImage(img)
+        if suffix == "seg":
+            assert arr.dtype == np.uint8
+        else:
+            assert arr.dtype == np.float32 and np.isfinite(arr).all() and (arr >= 0).all()
+    prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "s0000_prob.nii.gz")))
+    var = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "s0000_var.nii.gz")))
+    assert prob.max() <= 1.0
+    assert (var <= prob * (1 - prob) + 1e-6).all()  # Var of a [0, 1] variable is bounded
+    if method == "backbone":
+        assert (var == 0).all()
+    else:
+        assert (var > 0).any()

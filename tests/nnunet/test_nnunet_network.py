@@ -1,0 +1,152 @@
+"""The wrapped nnU-Net network: forward shapes, features, strict loading, head initialisation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from nnunet_testlib import managers
+
+from mobseg.core.config import METHOD_NAMES, HeadConfig
+from mobseg.core.registry import build_head
+from mobseg.errors import ConfigurationError, InvalidInputError
+from mobseg.nnunet.network import (
+    StochasticUNet,
+    build_backbone,
+    build_network,
+    feature_channels,
+    load_backbone,
+    load_full,
+)
+
+
+def _net(method: str = "mob", ds: bool = True, seed: int = 0) -> StochasticUNet:
+    pm, cm = managers()
+    torch.manual_seed(seed)
+    return build_network(pm, cm, 1, 2, HeadConfig(method, rank=4, bases=2, partitions=2), ds)
+
+
+@pytest.mark.parametrize("method", METHOD_NAMES)
+def test_forward_shapes_for_every_method(method: str) -> None:
+    net = _net(method).eval()
+    x = torch.randn(2, 1, 16, 16, 16)
+    with torch.no_grad():
+        out, dist = net(x, stochastic=True)
+    assert isinstance(out, list) and [tuple(o.shape) for o in out] == [
+        (2, 2, 16, 16, 16),
+        (2, 2, 8, 8, 8),
+    ]
+    assert torch.equal(dist.mean, out[0])
+    samples = dist.rsample(3)
+    assert samples.shape == (3, 2, 2, 16, 16, 16)
+    if method == "deterministic":
+        assert torch.equal(samples, out[0].expand_as(samples))
+
+
+def test_plain_forward_is_the_backbone_output() -> None:
+    net = _net().eval()
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        wrapped = net(x)
+        plain = net.backbone(x)
+    assert all(torch.equal(a, b) for a, b in zip(wrapped, plain, strict=True))
+
+
+def test_features_are_the_input_of_the_last_segmentation_layer() -> None:
+    """Oracle: nnU-Net's own seg layer applied to the captured features gives mu."""
+    net = _net("diagonal", ds=False).eval()
+    captured = {}
+    net.head.register_forward_hook(lambda m, inp, out: captured.update(h=inp[0]))
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        mu, _ = net(x, stochastic=True)
+        again = net.backbone.decoder.seg_layers[-1](captured["h"])
+    assert captured["h"].shape == (1, net.backbone.decoder.stages[-1].output_channels, 16, 16, 16)
+    assert net.feature_channels == feature_channels(net.backbone) == 4
+    torch.testing.assert_close(again, mu)
+
+
+def test_decoder_attribute_switches_deep_supervision() -> None:
+    net = _net()
+    assert net.decoder is net.backbone.decoder
+    net.decoder.deep_supervision = False
+    with torch.no_grad():
+        out = net(torch.randn(1, 1, 16, 16, 16))
+    assert isinstance(out, torch.Tensor) and out.shape == (1, 2, 16, 16, 16)
+
+
+def test_parameters_live_under_backbone_and_head_only() -> None:
+    keys = _net().state_dict().keys()
+    assert keys and all(k.startswith(("backbone.", "head.")) for k in keys)
+    assert any(k.startswith("head.") for k in keys)
+
+
+def test_class_count_mismatch_is_a_configuration_error() -> None:
+    pm, cm = managers()
+    with pytest.raises(ConfigurationError, match="3 classes but the dataset has 2"):
+        build_network(pm, cm, 1, 2, HeadConfig("diagonal", num_classes=3), True)
+
+
+def _save_backbone(tmp_path: Path, prefix: str = "") -> tuple[Path, dict]:
+    pm, cm = managers()
+    torch.manual_seed(123)
+    pretrained = build_backbone(pm, cm, 1, 2, True)
+    weights = {prefix + k: v.clone() for k, v in pretrained.state_dict().items()}
+    path = tmp_path / "checkpoint_final.pth"
+    torch.save({"network_weights": weights, "trainer_name": "nnUNetTrainer"}, path)
+    return path, pretrained.state_dict()
+
+
+@pytest.mark.parametrize("prefix", ["", "module.", "_orig_mod."])
+def test_backbone_loads_strictly_and_only_the_head_keeps_its_init(
+    tmp_path: Path, prefix: str
+) -> None:
+    path, expected = _save_backbone(tmp_path, prefix)
+    net = _net("mob", seed=7)
+    head_before = {k: v.clone() for k, v in net.head.state_dict().items()}
+    load_backbone(net, path)
+    for k, v in net.backbone.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    # the head is exactly what build_head made with the same seed
+    for k, v in net.head.state_dict().items():
+        assert torch.equal(v, head_before[k]), k
+
+
+def test_head_initialisation_is_the_registry_head_under_the_seed() -> None:
+    net = _net("lowrank", seed=11)
+    torch.manual_seed(11)
+    pm, cm = managers()
+    build_backbone(pm, cm, 1, 2, True)  # same draws as build_network before the head
+    fresh = build_head(HeadConfig("lowrank", rank=4, bases=2, partitions=2), 4)
+    ours, theirs = net.head.state_dict(), fresh.state_dict()
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_missing_backbone_key_is_refused(tmp_path: Path) -> None:
+    path, _ = _save_backbone(tmp_path)
+    ckpt = torch.load(path, weights_only=False)
+    dropped = next(k for k in ckpt["network_weights"] if "seg_layers" in k)
+    del ckpt["network_weights"][dropped]
+    torch.save(ckpt, path)
+    with pytest.raises(InvalidInputError, match="does not fit the planned network"):
+        load_backbone(_net(), path)
+
+
+def test_missing_checkpoint_file_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        load_backbone(_net(), tmp_path / "nope.pth")
+
+
+def test_full_checkpoint_round_trip_and_wrong_method(tmp_path: Path) -> None:
+    net = _net("single-basis", seed=3)
+    path = tmp_path / "ft.pth"
+    torch.save({"network_weights": net.state_dict()}, path)
+    other = _net("single-basis", seed=4)
+    load_full(other, path)
+    for k, v in other.state_dict().items():
+        assert torch.equal(v, net.state_dict()[k])
+    with pytest.raises(InvalidInputError, match="does not fit its method"):
+        load_full(_net("diagonal"), path)
