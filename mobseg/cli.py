@@ -421,6 +421,10 @@ def _render_plan(plan: Any, records: Any, title: str) -> None:
     grid = views.grid_table(plan, records, title="Runs per method and organ")
     if grid is not None:
         out.print(grid)
+        out.print(
+            "[dim]Seeds per cell; a run is its finetune, predict and evaluate jobs; "
+            "running may also mean interrupted (a rerun resumes it).[/]"
+        )
 
 
 def _render_result(result: Any, command: str) -> None:
@@ -742,7 +746,7 @@ def demo(
     outputs = (rec.outputs if rec is not None else {}) or {}
     for extra in spec.extra_predictions:
         out.print(f"Prediction of the real CT {extra.input}: {extra.out}", highlight=False)
-    report_path = outputs.get("html") or outputs.get("report") or outputs.get("markdown")
+    report_path = outputs.get("report_html") or outputs.get("report_md")
     path = Path(report_path) if report_path else ws.report_dir
     if not path.is_absolute():
         path = ws.root / path

@@ -43,12 +43,11 @@ from mobseg.data.structures import PAPER_ORGANS, resolve_organ
 from mobseg.errors import ConfigurationError
 from mobseg.manifest import StageRecord
 from mobseg.stages import keys
+from mobseg.stages.predict import BACKBONE_TAG
 
 #: Stages in the order they run.
 STAGES: tuple[str, ...] = ("prepare", "pretrain", "finetune", "predict", "evaluate", "report")
 
-#: Tag of the pretrained backbone's own predictions (the paper's "Deterministic" row).
-BACKBONE_TAG = "backbone"
 
 #: Status of a job as the study sees it.
 JOB_STATUSES: tuple[str, ...] = ("done", "running", "failed", "pending")
@@ -456,23 +455,34 @@ def _predict_params(
         "samples": spec.samples,
         "device": spec.device,
     }
-    names = {f.name for f in fields(PredictParams)}
-    if head is not None:
-        kwargs["head"] = head
-    elif "backbone" in names:
+    if head is None:
         kwargs["backbone"] = True
-    else:  # provisional until the predict stage exposes the backbone: head None
-        kwargs["head"] = None
+    else:
+        kwargs["head"] = head
     return PredictParams(**kwargs)
 
 
 def _evaluate_params(organ: str, head: HeadConfig | None, seed: int) -> Any:
+    """Params of one run's evaluation (``head=None``: the backbone, see :func:`_evaluate_job`)."""
     from mobseg.stages.evaluate import EvaluateParams
 
-    names = {f.name for f in fields(EvaluateParams)}
-    if head is None and "backbone" in names:
-        return EvaluateParams(organ=organ, head=None, seed=seed, backbone=True)  # type: ignore[call-arg]
     return EvaluateParams(organ=organ, head=head, seed=seed)
+
+
+def _evaluate_job(organ: str, head: HeadConfig | None, seed: int, pk: str) -> Job:
+    """The evaluation of one run; the backbone's goes through the study's adapter.
+
+    ``evaluate.run`` selects runs by ``head.tag()`` and seed; it has no way to
+    select the backbone alone, so :func:`mobseg.study.adapters.evaluate_backbone`
+    evaluates exactly ``predict/<organ>/backbone/seed0``.
+    """
+    tag = BACKBONE_TAG if head is None else head.tag()
+    key = keys.evaluate_key(organ, tag, seed)
+    runner = "mobseg.study.adapters:evaluate_backbone" if head is None else ""
+    params = _evaluate_params(organ, head, seed)
+    return Job(
+        "evaluate", key, params, (pk,), runner=runner, gpus=0, organ=organ, tag=tag, seed=seed
+    )
 
 
 def extra_prediction_key(organ: str, extra: ExtraPrediction, tag: str) -> str:
@@ -527,9 +537,7 @@ def expand(spec: StudySpec) -> Plan:
                 )
             )
             plan.add(Job("predict", pk, _predict_params(spec, organ, head, seed), (fk,), **where))
-            plan.add(
-                Job("evaluate", ek, _evaluate_params(organ, head, seed), (pk,), gpus=0, **where)
-            )
+            plan.add(_evaluate_job(organ, head, seed, pk))
             if ek not in evaluations:
                 evaluations.append(ek)
 
@@ -547,7 +555,7 @@ def expand(spec: StudySpec) -> Plan:
                     **where,
                 )
             )
-            plan.add(Job("evaluate", ek, _evaluate_params(organ, None, 0), (pk,), gpus=0, **where))
+            plan.add(_evaluate_job(organ, None, 0, pk))
             evaluations.append(ek)
 
     for extra in spec.extra_predictions:
@@ -562,8 +570,12 @@ def expand(spec: StudySpec) -> Plan:
                 f"The extra prediction with {tag} seed {extra.seed} needs a run the study "
                 "does not make."
             )
+        from mobseg.study.adapters import OutsidePrediction
+
         params = _predict_params(spec, organ, head, extra.seed, extra.input, extra.out)
-        plan.add(Job("predict", extra_prediction_key(organ, extra, tag), params, (dep,)))
+        key = extra_prediction_key(organ, extra, tag)
+        runner = "mobseg.study.adapters:predict_outside"
+        plan.add(Job("predict", key, OutsidePrediction(key, params), (dep,), runner=runner))
 
     if spec.report and evaluations:
         from mobseg.stages.report import ReportParams

@@ -67,12 +67,7 @@ def grid_table(plan: Plan, records: Mapping[str, StageRecord], title: str) -> Ta
         return None
     organs = list(dict.fromkeys(o for o, _t in cells))
     tags = sorted({t for _o, t in cells}, key=_tag_order)
-    table = Table(
-        title=title,
-        title_justify="left",
-        caption="seeds per cell; a run = finetune, predict, evaluate",
-        caption_justify="left",
-    )
+    table = Table(title=title, title_justify="left")
     table.add_column("run")
     for organ in organs:
         table.add_column(organ, justify="left")

@@ -77,6 +77,9 @@ def test_dependencies_come_first_and_chain_the_stages() -> None:
     assert plan["predict/duodenum/diagonal/seed1"].deps == ("finetune/duodenum/diagonal/seed1",)
     assert plan["evaluate/duodenum/diagonal/seed1"].deps == ("predict/duodenum/diagonal/seed1",)
     assert plan["predict/duodenum/backbone/seed0"].deps == ("pretrain/duodenum",)
+    assert plan["predict/duodenum/backbone/seed0"].params.backbone
+    assert plan["evaluate/duodenum/backbone/seed0"].runner.endswith(":evaluate_backbone")
+    assert plan["evaluate/duodenum/diagonal/seed1"].runner == ""
     report = plan["report"]
     assert set(report.deps) == {j.key for j in plan.by_stage("evaluate")}
     assert report.after_any and report.refresh
@@ -142,7 +145,10 @@ def test_extra_prediction_depends_on_its_run(tmp_path: Path) -> None:
     plan = expand(spec)
     key = "predict/pancreas/mob-b3-r16/seed0/s0000"
     assert plan[key].deps == ("finetune/pancreas/mob-b3-r16/seed0",)
-    assert plan[key].params.input == extra.input and plan[key].params.out == extra.out
+    job = plan[key]
+    assert job.runner == "mobseg.study.adapters:predict_outside" and job.params.key == key
+    assert job.params.params.input == extra.input and job.params.params.out == extra.out
+    assert job.params.params.head.tag() == "mob-b3-r16" and not job.params.params.backbone
     assert plan[key].tag is None  # not a run of the grid
     assert key not in plan["report"].deps
 
