@@ -259,13 +259,23 @@ def _test_cases(ws: Workspace, manifest: Manifest, organ: str) -> tuple[Path, li
     return labels, cases
 
 
-def _evaluate_run(
+def evaluate_prediction(
     ws: Workspace,
     manifest: Manifest,
     pred_rec: StageRecord,
     params: EvaluateParams,
-    force: bool,
+    force: bool = False,
 ) -> StageRecord:
+    """Evaluate one finished ``predict/<organ>/<tag>/seed<S>`` record (study mode).
+
+    Used by :func:`run` for every selected prediction, and directly by callers
+    that name the prediction themselves (e.g. the backbone's, whose tag no
+    :class:`HeadConfig` produces). Only ``params.region`` and ``params.margin``
+    are read.
+
+    Returns:
+        The ``evaluate/...`` record (skipped as done unless ``force`` or stale).
+    """
     from mobseg.metrics.io import (
         atomic_write_text,
         evaluate_many,
@@ -352,7 +362,70 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
     if params.standalone:
         return _standalone(params)
     manifest = Manifest(ws.manifest_path)
-    return [
-        _evaluate_run(ws, manifest, rec, params, force)
+    records = [
+        evaluate_prediction(ws, manifest, rec, params, force)
         for rec in _select_predictions(manifest, params)
     ]
+    for organ in sorted({r.key.split("/")[1] for r in records}):
+        write_aggregate(ws, manifest, organ, params.region)
+    return records
+
+
+#: Private name kept for callers written before the public one existed.
+_evaluate_run = evaluate_prediction
+
+
+def write_aggregate(ws: Workspace, manifest: Manifest, organ: str, region: str = "all") -> Path:
+    """Per organ x tag, mean and sample std (ddof = 1) over seeds of every summary number.
+
+    Writes ``<workdir>/evaluation/<organ>/summary.csv`` (``summary_roi.csv``
+    for ``region="roi"``) from the finished evaluate records: one row per tag
+    with ``method``, ``n_seeds``, ``seeds`` and ``<metric>_mean``,
+    ``<metric>_std`` for the metrics of :data:`SUMMARY_KEYS`.
+
+    Returns:
+        The CSV path.
+    """
+    import csv
+    import io
+
+    import numpy as np
+
+    from mobseg.metrics.io import atomic_write_text
+
+    groups: dict[str, list[StageRecord]] = {}
+    for rec in manifest.find("evaluate", f"evaluate/{organ}/"):
+        parts = rec.key.split("/")
+        is_roi = len(parts) == 5 and parts[4] == "roi"
+        if not rec.done or len(parts) not in (4, 5) or is_roi != (region == "roi"):
+            continue
+        groups.setdefault(parts[2], []).append(rec)
+    metrics = [k for k in SUMMARY_KEYS if not k.startswith("n_")]
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(
+        ["organ", "tag", "method", "n_seeds", "seeds"]
+        + [f"{m}_{stat}" for m in metrics for stat in ("mean", "std")]
+    )
+    for tag in sorted(groups):
+        recs = sorted(groups[tag], key=lambda r: r.params.get("seed", 0))
+        row: list[Any] = [
+            organ,
+            tag,
+            recs[0].params.get("method"),
+            len(recs),
+            " ".join(str(r.params.get("seed")) for r in recs),
+        ]
+        for m in metrics:
+            vals = np.array(
+                [v for r in recs if (v := (r.outputs.get("summary") or {}).get(m)) is not None],
+                dtype=np.float64,
+            )
+            mean = f"{vals.mean():.10g}" if vals.size else ""
+            std = f"{vals.std(ddof=1):.10g}" if vals.size > 1 else ""
+            row += [mean, std]
+        writer.writerow(row)
+    name = "summary_roi.csv" if region == "roi" else "summary.csv"
+    path = ws.root / "evaluation" / organ / name
+    atomic_write_text(path, buf.getvalue())
+    return path

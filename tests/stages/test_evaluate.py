@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import json
 import math
@@ -71,6 +72,19 @@ def test_study_mode_writes_a_record_per_run_with_correct_numbers(study: Workspac
     rel = json.loads((study.root / rec.outputs["reliability_json"]).read_text())
     assert sum(rel["count"]) == pooled["n_voxels"] == 3 * int(np.prod(fakes.SHAPE))
     assert len(rel["edges"]) == 16
+
+
+def test_aggregate_over_seeds(study: Workspace) -> None:
+    recs = run(study, EvaluateParams(organ="pancreas"))
+    path = study.root / "evaluation" / "pancreas" / "summary.csv"
+    with open(path, newline="") as fh:
+        rows = {r["tag"]: r for r in csv.DictReader(fh)}
+    assert set(rows) == {"diagonal", "mob-b3-r16"}
+    mob = rows["mob-b3-r16"]
+    dices = [r.outputs["summary"]["dice"] for r in recs if "/mob-b3-r16/" in r.key]
+    assert mob["n_seeds"] == "2" and mob["seeds"] == "0 1" and mob["method"] == "mob"
+    assert float(mob["dice_mean"]) == pytest.approx(np.mean(dices))
+    assert float(mob["dice_std"]) == pytest.approx(np.std(dices, ddof=1))
 
 
 def test_done_runs_are_skipped_unless_forced(study: Workspace) -> None:
