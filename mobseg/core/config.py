@@ -27,6 +27,10 @@ METHOD_LABELS: dict[str, str] = {
 NOISE_MODES: tuple[str, ...] = ("voxel", "block", "global")
 MIXING_MODES: tuple[str, ...] = ("soft", "hard")
 MC_LOSSES: tuple[str, ...] = ("mean", "logsumexp")
+#: How voxel noise is drawn for single-basis and mob (same distribution, see
+#: mobseg.core.distributions): per-voxel C x C Cholesky (C normals per voxel) or
+#: the literal factor z1, z2 (C + R normals per voxel).
+SAMPLERS: tuple[str, ...] = ("cholesky", "factor")
 
 
 def check_method(name: str) -> str:
@@ -52,6 +56,10 @@ class HeadConfig:
             straight-through gradients), mob only.
         temperature: tau of the weighting softmax (mob only).
         eps: floor added to softplus for every variance.
+        sampler: ``cholesky`` (default) or ``factor``: how ``voxel`` noise of
+            single-basis and mob is drawn. Both draw exactly the same
+            distribution; ``factor`` draws the paper's z2 in R^R per voxel
+            literally (R/C times more random numbers and memory).
     """
 
     method: str
@@ -63,6 +71,7 @@ class HeadConfig:
     mixing: str = "soft"
     temperature: float = 0.3
     eps: float = 1e-5
+    sampler: str = "cholesky"
 
     def __post_init__(self) -> None:
         check_method(self.method)
@@ -83,6 +92,16 @@ class HeadConfig:
             )
         if self.noise == "global" and self.method != "single-basis":
             raise ConfigurationError("--noise global applies to single-basis only.")
+        if self.sampler not in SAMPLERS:
+            raise UnknownNameError("sampler", self.sampler, SAMPLERS)
+        if self.sampler != "cholesky" and (
+            self.method not in ("single-basis", "mob") or self.noise != "voxel"
+        ):
+            raise ConfigurationError(
+                f"sampler {self.sampler!r} applies to single-basis and mob with voxel noise only."
+            )
+        if self.eps <= 0:
+            raise ConfigurationError(f"eps must be > 0, got {self.eps}.")
 
     @property
     def stochastic(self) -> bool:
@@ -105,6 +124,8 @@ class HeadConfig:
                 tag += f"-t{self.temperature:g}"
         if self.noise != "voxel":
             tag += f"-{self.noise}"
+        if self.sampler != "cholesky":
+            tag += f"-{self.sampler}"
         if self.num_classes != 2:
             tag += f"-c{self.num_classes}"
         return tag
@@ -126,6 +147,9 @@ class LossConfig:
         lambda_kl: weight of KL(N(mu, I) || N(mu, diag(D))).
         lambda_orth: weight of the orthogonality of the bases (mob, M >= 2).
         lambda_w: weight of the weights' negative entropy (mob).
+        batch_dice: nnU-Net's batch Dice (sums over the batch before the
+            ratio); set it from the plans' ``batch_dice`` of the configuration.
+        smooth: Dice smoothing (nnU-Net: 1e-5).
     """
 
     samples: int = 5
@@ -136,6 +160,8 @@ class LossConfig:
     lambda_kl: float = 5e-4
     lambda_orth: float = 1.0
     lambda_w: float = 0.05
+    batch_dice: bool = True
+    smooth: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.mc_loss not in MC_LOSSES:
@@ -144,6 +170,8 @@ class LossConfig:
             raise ConfigurationError(f"--samples must be >= 1, got {self.samples}.")
         if self.antithetic and self.samples % 2:
             raise ConfigurationError("Antithetic sampling needs an even --samples.")
+        if self.smooth < 0:
+            raise ConfigurationError(f"Dice smooth must be >= 0, got {self.smooth}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -1,0 +1,271 @@
+"""Stochastic heads: decoder features -> parameters of a logit distribution (SPEC 3).
+
+Every head is an ``nn.Module`` called as ``head(features, mu)`` with
+
+* ``features``: (B, F, *sp), the last decoder stage of nnU-Net at full
+  resolution (F = ``in_channels``), 2D or 3D;
+* ``mu``: (B, C, *sp), nnU-Net's own segmentation-layer logits;
+
+and returns a :class:`~mobseg.core.distributions.LogitDistribution` with mean
+``mu``. All maps from features are 1x1(x1) convolutions, so one head works for
+2D and 3D inputs. Variances are ``softplus(raw) + eps`` (eps = ``cfg.eps``,
+1e-5).
+
+Initialisation (fine-tuning must start at the backbone's behaviour): the
+variance head starts at d = :data:`INIT_VARIANCE` (1e-3) everywhere, and the
+factor / coefficient heads start with small weights so that their per-voxel
+variance is also about 1e-3 for unit-variance features, i.e. logit standard
+deviations of about 0.03 per noise source. Every basis starts with Frobenius
+norm sqrt(C) (all bases at the same scale, random directions). The mixing
+network of mob starts close to uniform weights.
+
+The heads compute in float32 (or in the dtype of their parameters) with
+autocast disabled: they are tiny next to the backbone, and fp16 variances would
+overflow.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mobseg.core.config import HeadConfig
+from mobseg.core.distributions import (
+    DeterministicLogits,
+    DiagonalLogits,
+    LogitDistribution,
+    LowRankLogits,
+    MixtureOfBasesLogits,
+    SingleBasisLogits,
+)
+from mobseg.core.partitions import block_mean, get_partition
+
+#: Initial diagonal variance d, and target initial variance of the factor terms.
+INIT_VARIANCE = 1e-3
+#: Hidden width of the mixing MLP of mob.
+MIX_HIDDEN = 32
+
+
+def inverse_softplus(y: float) -> float:
+    """x such that softplus(x) = y (y > 0)."""
+    return y + math.log(-math.expm1(-y))
+
+
+class Pointwise(nn.Module):
+    """A 1x1(x1) convolution usable on 2D and 3D inputs.
+
+    ``out[b, o, n] = sum_f weight[o, f] x[b, f, n] + bias[o]``.
+
+    Args:
+        in_channels: F.
+        out_channels: O.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(out_channels, in_channels))
+        self.bias = nn.Parameter(torch.zeros(out_channels))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, F, *sp) -> (B, O, *sp)."""
+        w = self.weight.reshape(*self.weight.shape, *([1] * (x.dim() - 2)))
+        if x.dim() == 5:
+            return F.conv3d(x, w, self.bias)
+        if x.dim() == 4:
+            return F.conv2d(x, w, self.bias)
+        raise ValueError(f"Pointwise needs (B, F, *sp) with 2 or 3 spatial axes, got {x.shape}.")
+
+
+def init_bases(num_bases: int, num_classes: int, rank: int) -> Tensor:
+    """M random bases (M, C, R), each with Frobenius norm exactly sqrt(C)."""
+    b = torch.randn(num_bases, num_classes, rank)
+    return b * (math.sqrt(num_classes) / b.flatten(1).norm(dim=1))[:, None, None]
+
+
+class StochasticHead(nn.Module):
+    """Base class of the five heads.
+
+    Args:
+        cfg: The method and its hyper-parameters.
+        in_channels: F, channels of the decoder features.
+    """
+
+    def __init__(self, cfg: HeadConfig, in_channels: int) -> None:
+        super().__init__()
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}.")
+        self.cfg = cfg
+        self.in_channels = in_channels
+        self.num_classes = cfg.num_classes
+
+    def _dtype(self) -> torch.dtype:
+        for p in self.parameters():
+            return torch.promote_types(p.dtype, torch.float32)
+        return torch.float32
+
+    def forward(self, features: Tensor, mu: Tensor) -> LogitDistribution:
+        """Map decoder features to the distribution of the logits.
+
+        Args:
+            features: (B, F, *sp) decoder features, F = ``in_channels``.
+            mu: (B, C, *sp) the backbone's logits, C = ``cfg.num_classes``.
+
+        Returns:
+            The logit distribution, mean ``mu``.
+        """
+        if features.dim() not in (4, 5) or mu.dim() != features.dim():
+            raise ValueError(
+                f"{type(self).__name__} needs features (B, F, *sp) and mu (B, C, *sp) with 2 or "
+                f"3 spatial axes, got {tuple(features.shape)} and {tuple(mu.shape)}."
+            )
+        if (
+            features.shape[0] != mu.shape[0]
+            or features.shape[2:] != mu.shape[2:]
+            or features.shape[1] != self.in_channels
+            or mu.shape[1] != self.num_classes
+        ):
+            raise ValueError(
+                f"{type(self).__name__} expects features (B, {self.in_channels}, *sp) and mu "
+                f"(B, {self.num_classes}, *sp), got {tuple(features.shape)} and "
+                f"{tuple(mu.shape)}."
+            )
+        with torch.autocast(device_type=features.device.type, enabled=False):
+            return self._distribution(features.to(self._dtype()), mu)
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        raise NotImplementedError
+
+    def _variance(self, raw: Tensor) -> Tensor:
+        return F.softplus(raw) + self.cfg.eps
+
+
+def _init_variance_head(conv: Pointwise, eps: float) -> None:
+    nn.init.normal_(conv.weight, std=0.01 / math.sqrt(conv.weight.shape[1]))
+    nn.init.constant_(conv.bias, inverse_softplus(INIT_VARIANCE - eps))
+
+
+class DeterministicHead(StochasticHead):
+    """No parameters: eta = mu."""
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        return DeterministicLogits(mu)
+
+
+class DiagonalHead(StochasticHead):
+    """D = softplus(conv(h)) + eps, shape (B, C, *sp)."""
+
+    def __init__(self, cfg: HeadConfig, in_channels: int) -> None:
+        super().__init__(cfg, in_channels)
+        self.variance = Pointwise(in_channels, cfg.num_classes)
+        _init_variance_head(self.variance, cfg.eps)
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        return DiagonalLogits(mu, self._variance(self.variance(h)))
+
+
+class LowRankHead(StochasticHead):
+    """D (C channels) and the spatially aligned factor P (C*R channels).
+
+    Channel ``c*R + r`` of the factor conv is column r of class c's row at the
+    same voxel: factor (B, C*R, *sp) -> (B, C, R, *sp), never mixing voxels.
+    """
+
+    def __init__(self, cfg: HeadConfig, in_channels: int) -> None:
+        super().__init__(cfg, in_channels)
+        c, r = cfg.num_classes, cfg.rank
+        self.variance = Pointwise(in_channels, c)
+        self.factor = Pointwise(in_channels, c * r)
+        _init_variance_head(self.variance, cfg.eps)
+        nn.init.normal_(self.factor.weight, std=math.sqrt(INIT_VARIANCE / (r * in_channels)))
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        c, r = self.cfg.num_classes, self.cfg.rank
+        fac = self.factor(h).unflatten(1, (c, r))
+        return LowRankLogits(mu, self._variance(self.variance(h)), fac)
+
+
+class SingleBasisHead(StochasticHead):
+    """d (C channels), coefficients A (R channels) and one learned basis (C, R)."""
+
+    def __init__(self, cfg: HeadConfig, in_channels: int) -> None:
+        super().__init__(cfg, in_channels)
+        self.variance = Pointwise(in_channels, cfg.num_classes)
+        self.coeffs = Pointwise(in_channels, cfg.rank)
+        self.basis = nn.Parameter(init_bases(1, cfg.num_classes, cfg.rank)[0])
+        _init_variance_head(self.variance, cfg.eps)
+        # Per-voxel variance sum_r B_cr^2 a_r^2 ~ |B_c|^2 E[a^2] ~ INIT_VARIANCE.
+        nn.init.normal_(self.coeffs.weight, std=math.sqrt(INIT_VARIANCE / in_channels))
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        return SingleBasisLogits(
+            mu,
+            self._variance(self.variance(h)),
+            self.coeffs(h),
+            self.basis,
+            noise=self.cfg.noise,
+            partitions=self.cfg.partitions,
+            sampler=self.cfg.sampler,
+        )
+
+
+class MixtureOfBasesHead(StochasticHead):
+    """d, coefficients A, M learned bases and the block weighting network.
+
+    Weights: the features are averaged over each of the P^d blocks (exact
+    ``tensor_split`` blocks, not adaptive pooling), mapped by a linear layer to
+    M channels (the same as a 1x1x1 conv to M channels followed by the block
+    average), then by a small MLP (M -> 32 -> M, GELU), and
+    ``W_p = softmax(logits_p / tau)`` over the M bases, shape (B, P^d, M).
+
+    ``mixing`` (``soft``/``hard``) can be switched after training, e.g. for
+    inference: ``head.mixing = "hard"``.
+    """
+
+    def __init__(self, cfg: HeadConfig, in_channels: int) -> None:
+        super().__init__(cfg, in_channels)
+        m = cfg.bases
+        self.variance = Pointwise(in_channels, cfg.num_classes)
+        self.coeffs = Pointwise(in_channels, cfg.rank)
+        self.bases = nn.Parameter(init_bases(m, cfg.num_classes, cfg.rank))
+        self.mix_in = nn.Linear(in_channels, m)
+        self.mix_mlp = nn.Sequential(nn.Linear(m, MIX_HIDDEN), nn.GELU(), nn.Linear(MIX_HIDDEN, m))
+        _init_variance_head(self.variance, cfg.eps)
+        nn.init.normal_(self.coeffs.weight, std=math.sqrt(INIT_VARIANCE / in_channels))
+        # Nearly uniform weights at the start.
+        nn.init.normal_(self.mix_mlp[2].weight, std=1e-3)
+        nn.init.zeros_(self.mix_mlp[2].bias)
+        self._mixing = cfg.mixing
+
+    @property
+    def mixing(self) -> str:
+        """``soft`` or ``hard`` mixing of the bases."""
+        return self._mixing
+
+    @mixing.setter
+    def mixing(self, value: str) -> None:
+        if value not in ("soft", "hard"):
+            raise ValueError(f"mixing must be 'soft' or 'hard', got {value!r}.")
+        self._mixing = value
+
+    def block_weights(self, h: Tensor) -> Tensor:
+        """(B, F, *sp) features -> (B, P^d, M) weights on the simplex."""
+        part = get_partition(tuple(h.shape[2:]), self.cfg.partitions)
+        pooled = block_mean(h, part).transpose(1, 2)  # (B, P^d, F)
+        logits = self.mix_mlp(self.mix_in(pooled))
+        return torch.softmax(logits / self.cfg.temperature, dim=-1)
+
+    def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
+        return MixtureOfBasesLogits(
+            mu,
+            self._variance(self.variance(h)),
+            self.coeffs(h),
+            self.bases,
+            self.block_weights(h),
+            partitions=self.cfg.partitions,
+            mixing=self._mixing,
+            noise=self.cfg.noise,
+            sampler=self.cfg.sampler,
+        )
