@@ -1,0 +1,212 @@
+"""``mobseg study``, ``mobseg demo`` and ``mobseg status`` through the CLI (fake stages)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import study_fakes as fakes
+from typer.testing import CliRunner
+
+from mobseg.cli import app
+from mobseg.manifest import Manifest
+from mobseg.study import grid
+
+runner = CliRunner()
+
+
+WIDE = {"COLUMNS": "200"}  # Rich wraps at 80 columns otherwise
+
+
+def invoke(workdir: Path, *args: str):  # noqa: ANN201 - click Result
+    return runner.invoke(app, ["--workdir", str(workdir), *args], env=WIDE)
+
+
+def row(output: str, stage: str) -> list[int]:
+    """Numbers of the stage table's row ``stage``: total, done, running, failed, remaining."""
+    for line in output.splitlines():
+        cells = [c.strip() for c in re.split(r"[│|┃]", line) if c.strip()]
+        if cells and cells[0] == stage:
+            return [int(c) for c in cells[1:]]
+    raise AssertionError(f"no row {stage!r} in:\n{output}")
+
+
+@pytest.fixture
+def fake_expand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The CLI's plans run the fake stages (in this process: the sequential executor)."""
+    real = grid.expand
+    monkeypatch.setattr(grid, "expand", lambda spec: fakes.wrap(real(spec)))
+
+
+def test_paper_dry_run_counts(tmp_path: Path) -> None:
+    result = invoke(tmp_path, "study", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "prepare") == [4, 0, 0, 0, 4]
+    assert row(result.output, "pretrain") == [4, 0, 0, 0, 4]
+    assert row(result.output, "finetune") == [4 * 5 * 5 + 4 * 5, 0, 0, 0, 120]
+    assert row(result.output, "predict") == [124, 0, 0, 0, 124]
+    assert row(result.output, "evaluate") == [124, 0, 0, 0, 124]
+    assert row(result.output, "report") == [1, 0, 0, 0, 1]
+    assert row(result.output, "all") == [377, 0, 0, 0, 377]
+    assert "mob-b5-r16" in result.output
+    assert not (tmp_path / "manifest.json").exists()
+    assert not (tmp_path / "study" / "spec.json").exists()  # a dry run changes nothing
+
+
+def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "--workdir",
+            str(tmp_path),
+            "--verbose",
+            "study",
+            "--dry-run",
+            "--organs",
+            "duodenum",
+            "--methods",
+            "mob,lowrank",
+            "--seeds",
+            "2",
+            "--bases-ablation",
+            "none",
+            "--no-backbone",
+        ],
+        env=WIDE,
+    )
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "finetune") == [4, 0, 0, 0, 4]
+    assert row(result.output, "predict") == [4, 0, 0, 0, 4]
+    assert "finetune/duodenum/lowrank-r16/seed1" in result.output
+    assert "after finetune/duodenum/lowrank-r16/seed1" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--bases-ablation", "5..1"], "empty"),
+        (["--executor", "nope"], "Unknown executor"),
+        (["--organs", "pancraes"], "pancreas"),
+        (["--methods", "mob,diag"], "diagonal"),
+        (["--seeds", "0"], "--seeds"),
+        (["--slurm-arg", "account"], "KEY=VALUE"),
+    ],
+)
+def test_user_errors_exit_1_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    result = invoke(tmp_path, "study", *args)
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("fake_expand")
+def test_study_runs_reports_and_status_shows_the_grid(tmp_path: Path) -> None:
+    args = ["study", "--organs", "pancreas", "--methods", "mob", "--seeds", "2"]
+    args += ["--bases-ablation", "2", "--source", "phantom", "--preset", "cpu"]
+    result = invoke(tmp_path, *args)
+    assert result.exit_code == 0, result.output
+    assert "17 jobs: 0 already done, 17 ran (17 ok, 0 failed)" in result.output
+    assert grid.load_spec(tmp_path).ablation_bases == (2,)
+
+    status = invoke(tmp_path, "status")
+    assert status.exit_code == 0, status.output
+    assert row(status.output, "all") == [17, 17, 0, 0, 0]  # 1+1+4+5+5+1
+    lines = {ln.split("│")[1].strip(): ln for ln in status.output.splitlines() if "│" in ln}
+    assert "2 done" in lines["mob-b3-r16"] and "2 done" in lines["mob-b2-r16"]
+    assert "1 done" in lines["backbone"]
+
+    again = invoke(tmp_path, *args)
+    assert again.exit_code == 0
+    assert "17 jobs: 17 already done, 0 ran" in again.output
+
+    records = invoke(tmp_path, "status", "--records")
+    assert "finetune/pancreas/mob-b2-r16/seed1" in records.output
+    assert "attempts" in records.output
+
+
+@pytest.mark.usefixtures("fake_expand")
+def test_a_failed_job_exits_1_and_is_listed(tmp_path: Path) -> None:
+    bad = "finetune/pancreas/mob-b3-r16/seed0"
+    fakes.control(tmp_path, fail=[bad])
+    args = ["study", "--organs", "pancreas", "--methods", "mob", "--seeds", "2"]
+    result = invoke(tmp_path, *args, "--bases-ablation", "none")
+    assert result.exit_code == 1
+    assert "Failed jobs" in result.output
+    assert f"fake failure of {bad}" in result.output
+    assert "1 job(s) failed, 2 were skipped" in result.output
+    status = invoke(tmp_path, "status")
+    line = next(ln for ln in status.output.splitlines() if "mob-b3-r16" in ln)
+    assert "1 done" in line and "1 failed" in line
+    assert "1 failed" in status.output.splitlines()[-1]
+
+
+@pytest.mark.usefixtures("fake_expand")
+def test_an_interrupted_study_exits_130_and_resumes(tmp_path: Path) -> None:
+    stop = "predict/pancreas/backbone/seed0"
+    fakes.control(tmp_path, interrupt=[stop])
+    args = ["study", "--organs", "pancreas", "--methods", "diagonal", "--seeds", "1"]
+    args += ["--bases-ablation", "none"]
+    first = invoke(tmp_path, *args)
+    assert first.exit_code == 130
+    assert "Interrupted" in first.output
+    status = invoke(tmp_path, "status")
+    line = next(ln for ln in status.output.splitlines() if "backbone" in ln)
+    assert "1 running" in line
+    done_before = [k for k in fakes.calls(tmp_path) if k != stop]
+    fakes.control(tmp_path)
+    second = invoke(tmp_path, *args)
+    assert second.exit_code == 0, second.output
+    assert f"{len(done_before)} already done" in second.output
+    assert Manifest(tmp_path / "manifest.json").get(stop).attempts == 2
+
+
+def test_status_of_an_empty_and_of_a_hand_made_workdir(tmp_path: Path) -> None:
+    empty = invoke(tmp_path, "status")
+    assert empty.exit_code == 0 and "No stage has run" in empty.output
+    m = Manifest(tmp_path / "manifest.json")
+    for key in ("prepare/pancreas", "finetune/pancreas/diagonal/seed0"):
+        m.start(key.split("/")[0], key)
+        m.finish(key)
+    m.start("predict", "predict/pancreas/diagonal/seed0")
+    result = invoke(tmp_path, "status")
+    assert result.exit_code == 0, result.output
+    assert "no study started here" in result.output
+    assert row(result.output, "finetune") == [1, 1, 0, 0, 0]
+    assert row(result.output, "predict") == [1, 0, 1, 0, 1]
+    line = next(ln for ln in result.output.splitlines() if "│ diagonal" in ln)
+    assert "1 running" in line
+
+
+def test_demo_dry_run_with_and_without_the_example(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, totalseg_example: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)  # no ../shared/data/totalseg_example from here
+    work = tmp_path / "work"
+    result = invoke(work, "demo", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "skips the prediction on a real CT" in result.output
+    assert row(result.output, "finetune") == [10, 0, 0, 0, 10]
+    assert row(result.output, "predict") == [11, 0, 0, 0, 11]
+    assert row(result.output, "evaluate") == [11, 0, 0, 0, 11]
+
+    with_ct = invoke(work, "demo", "--dry-run", "--example", str(totalseg_example))
+    assert with_ct.exit_code == 0, with_ct.output
+    assert str(totalseg_example / "s0000" / "ct.nii.gz") in with_ct.output
+    assert row(with_ct.output, "predict") == [12, 0, 0, 0, 12]
+
+    missing = invoke(work, "demo", "--dry-run", "--example", str(tmp_path / "nothing"))
+    assert missing.exit_code == 1
+    assert "No CT found" in missing.output
+
+
+@pytest.mark.usefixtures("fake_expand")
+def test_demo_runs_and_prints_the_report_path(tmp_path: Path, totalseg_example: Path) -> None:
+    result = invoke(tmp_path, "demo", "--example", str(totalseg_example), "--seeds", "1")
+    assert result.exit_code == 0, result.output
+    assert "Prediction of the real CT" in result.output
+    assert str(tmp_path / "example" / "s0000") in result.output
+    assert re.search(r"Report:\s+" + re.escape(str(tmp_path / "report")), result.output)
+    spec = grid.load_spec(tmp_path)
+    assert spec.preset == "cpu" and spec.source == "phantom" and spec.seeds == 1
+    assert "predict/pancreas/mob-b3-r16/seed0/s0000" in fakes.calls(tmp_path)

@@ -1,0 +1,75 @@
+"""A micro study with the real stages (phantom, ``micro`` preset): slow, end to end."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+
+from mobseg.manifest import Manifest
+from mobseg.study.executors import Outcome, SequentialExecutor
+from mobseg.study.grid import ExtraPrediction, StudySpec, expand
+from mobseg.study.runner import run_plan
+from mobseg.workspace import Workspace
+
+
+def _skip_if_a_stage_is_missing(failed: list[Outcome]) -> None:
+    """Skip (saying which) only while a stage still raises NotImplementedYetError."""
+    missing = [o.key for o in failed if o.error_type == "NotImplementedYetError"]
+    if missing:
+        pytest.skip(f"stages still raise NotImplementedYetError: {', '.join(missing)}")
+
+
+@pytest.mark.slow
+def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
+    shared = Path(os.environ.get("MOBSEG_SHARED", Path(__file__).resolve().parents[3] / "shared"))
+    ws = Workspace(tmp_path / "work")
+    example = shared / "data" / "totalseg_example" / "s0000" / "ct.nii.gz"
+    extras = ()
+    if example.exists():
+        extras = (ExtraPrediction(input=example, out=ws.root / "example" / "s0000", seed=0),)
+    spec = StudySpec(
+        organs=("pancreas",),
+        methods=("diagonal", "mob"),
+        seeds=1,
+        ablation_bases=(),
+        preset="micro",
+        device="cpu",
+        source="phantom",
+        num_cases=6,
+        size=32,
+        samples=2,
+        extra_predictions=extras,
+    )
+    plan = expand(spec)
+    result = run_plan(ws, plan, SequentialExecutor(ws.root))
+    _skip_if_a_stage_is_missing(result.failed)
+    assert result.ok, [(o.key, o.error) for o in result.failed]
+
+    records = Manifest(ws.manifest_path).records()
+    assert all(records[k].status == "done" for k in plan.jobs)
+    for tag in ("backbone", "diagonal", "mob-b3-r16"):
+        csv_path = ws.evaluation_dir("pancreas", tag, 0) / "metrics.csv"
+        rows = list(csv.DictReader(csv_path.open()))
+        assert rows[-1]["case"] == "ALL"
+        assert 0.0 <= float(rows[-1]["ece"]) <= 1.0
+        evaluated = records[f"evaluate/pancreas/{tag}/seed0"]
+        assert evaluated.inputs["predict"] == f"predict/pancreas/{tag}/seed0"
+    assert records["predict/pancreas/backbone/seed0"].params["backbone"] is True
+    report = Path(records["report"].outputs["report_html"])
+    report = report if report.is_absolute() else ws.root / report
+    assert report.is_file()
+    if extras:
+        out = ws.root / "example" / "s0000"
+        assert (out / "s0000_prob.nii.gz").is_file()
+        # The test-split prediction of that run keeps its own record and folder.
+        test_pred = records["predict/pancreas/mob-b3-r16/seed0"]
+        assert test_pred.params["input"] is None
+        assert records["predict/pancreas/mob-b3-r16/seed0/s0000"].params["input"] == str(example)
+
+    # A second run redoes nothing.
+    again = run_plan(ws, plan, SequentialExecutor(ws.root))
+    assert again.ok and again.succeeded == []
+    assert sorted(again.already_done) == sorted(plan.jobs)
