@@ -221,7 +221,7 @@ h2 { margin-top: 1.8em; border-bottom: 1px solid #ccc; }
 table { border-collapse: collapse; margin: 1em 0 1.6em; font-size: 0.88em; }
 caption { caption-side: top; text-align: left; padding-bottom: .4em; }
 th, td { padding: .25em .6em; text-align: right; white-space: nowrap; }
-th:first-child, td:first-child { text-align: left; }
+th:first-child, td:first-child, td.label { text-align: left; }
 thead th { border-top: 2px solid #222; border-bottom: 1px solid #222; }
 tbody tr:last-child td { border-bottom: 2px solid #222; }
 tr.rule td { border-top: 1px solid #999; }

@@ -93,6 +93,7 @@ class Table:
         rows: Cells, one list per row (first cell = row label).
         records: Tidy rows for the CSV file.
         rules: Row indices before which a rule is drawn (groups).
+        label_columns: Leading text columns (left-aligned); the rest are right-aligned.
     """
 
     name: str
@@ -102,6 +103,7 @@ class Table:
     rows: list[list[Cell]] = field(default_factory=list)
     records: list[dict[str, Any]] = field(default_factory=list)
     rules: set[int] = field(default_factory=set)
+    label_columns: int = 1
 
     def column_texts(self, index: int) -> list[str]:
         """The plain texts of one column (tests and figures use them)."""
@@ -310,6 +312,7 @@ def uncertainty_table(results: StudyResults) -> Table:
         "lower is better), GED\u00b2 against several reference masks (1 - IoU), and the mean "
         "absolute error of p against the phantom's true probability p*. Not in the paper.",
         ["Organ", "Method"] + [c[1] for c in UNCERTAINTY_COLUMNS] + ["Seeds"],
+        label_columns=2,
     )
     for organ in results.result_organs():
         start = len(table.rows)
@@ -357,6 +360,7 @@ def runs_table(results: StudyResults) -> Table:
         "(cases where prediction and ground truth are both empty are excluded and counted), "
         "and the pooled NLL and ECE.",
         ["Organ", "Method", "Tag", "Seed", "Cases", "Empty (NaN Dice)", "Dice (%)", "NLL", "ECE"],
+        label_columns=3,
     )
     order = {k.tag: i for i, k in enumerate(results.rows())}
     runs = sorted(
@@ -445,7 +449,11 @@ def to_markdown(table: Table) -> str:
 
     lines = [
         "| " + " | ".join(_md_escape(c) for c in table.columns) + " |",
-        "| " + " | ".join(["---"] + ["---:"] * (len(table.columns) - 1)) + " |",
+        "| "
+        + " | ".join(
+            ["---"] * table.label_columns + ["---:"] * (len(table.columns) - table.label_columns)
+        )
+        + " |",
     ]
     for row in table.rows:
         lines.append("| " + " | ".join(cell(c) for c in row) + " |")
@@ -486,8 +494,7 @@ def to_latex(table: Table) -> str:
             return rf"\textbf{{{t}}}"
         return rf"\textit{{{t}}}" if c.paper and c.plain() != DASH else t
 
-    spec = "l" * (2 if table.columns[:2] == ["Organ", "Method"] else 1)
-    spec += "r" * (len(table.columns) - len(spec))
+    spec = "l" * table.label_columns + "r" * (len(table.columns) - table.label_columns)
     lines = [
         r"\begin{table}[t]",
         r"\centering",
@@ -510,15 +517,15 @@ def to_latex(table: Table) -> str:
 def to_html(table: Table) -> str:
     """An HTML table with a caption (styles come from the page's CSS)."""
 
-    def cell(c: Cell, tag: str = "td") -> str:
-        cls = []
+    def cell(c: Cell, left: bool) -> str:
+        cls = ["label"] if left else []
         if c.paper:
             cls.append("paper")
         if c.bold:
             cls.append("best")
         attr = f' class="{" ".join(cls)}"' if cls else ""
         t = html.escape(c.plain())
-        return f"<{tag}{attr}>{f'<b>{t}</b>' if c.bold else t}</{tag}>"
+        return f"<td{attr}>{f'<b>{t}</b>' if c.bold else t}</td>"
 
     head = "".join(
         f'<th class="paper">{html.escape(c)}</th>'
@@ -529,7 +536,8 @@ def to_html(table: Table) -> str:
     body = []
     for i, row in enumerate(table.rows):
         cls = ' class="rule"' if i in table.rules else ""
-        body.append(f"<tr{cls}>" + "".join(cell(c) for c in row) + "</tr>")
+        cells = "".join(cell(c, j < table.label_columns) for j, c in enumerate(row))
+        body.append(f"<tr{cls}>{cells}</tr>")
     return (
         f'<table id="{table.name}">'
         f"<caption><b>{html.escape(table.title)}.</b> {html.escape(table.caption)}</caption>"

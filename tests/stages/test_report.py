@@ -71,7 +71,7 @@ def test_every_run_is_listed_and_missing_cells_are_dashes(
         for seed in (0, 1):
             row = re.compile(rf"\| Pancreas \| [^|]+ \| {re.escape(tag)} \| {seed} \| 3 \|")
             assert row.search(md), (tag, seed)
-            assert f"<td>{tag}</td><td>{seed}</td>" in page
+            assert f'<td class="label">{tag}</td><td>{seed}</td>' in page
     dice = (ws.report_dir / "tables" / "table2_dice.md").read_text()
     backbone = next(ln for ln in dice.splitlines() if ln.startswith("| Deterministic"))
     assert backbone.split("|")[2].strip() == "-"  # not run -> dash, paper value beside
