@@ -309,3 +309,13 @@ def test_plan_rejects_unknown_dependencies_and_dedups() -> None:
     assert plan.add(grid.Job("prepare", "prepare/x", "other")) is first
     with pytest.raises(ValueError, match="unplanned"):
         plan.add(grid.Job("pretrain", "pretrain/x", None, deps=("prepare/y",)))
+
+
+def test_every_job_of_the_paper_grid_pickles(tmp_path: Path) -> None:
+    """Executors ship jobs to other processes and nodes by pickling them."""
+    import pickle
+
+    extra = ExtraPrediction(input=tmp_path / "ct.nii.gz", out=tmp_path / "out")
+    plan = expand(StudySpec(extra_predictions=(extra,)))
+    back = pickle.loads(pickle.dumps(list(plan)))
+    assert back == list(plan)

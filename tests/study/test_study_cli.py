@@ -210,3 +210,12 @@ def test_demo_runs_and_prints_the_report_path(tmp_path: Path, totalseg_example: 
     spec = grid.load_spec(tmp_path)
     assert spec.preset == "cpu" and spec.source == "phantom" and spec.seeds == 1
     assert "predict/pancreas/mob-b3-r16/seed0/s0000" in fakes.calls(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["study", "demo", "status"])
+def test_help(name: str) -> None:
+    result = runner.invoke(app, [name, "--help"], env=WIDE)
+    assert result.exit_code == 0
+    assert "Usage" in result.output
+    top = runner.invoke(app, ["--help"], env=WIDE)
+    assert name in top.output
