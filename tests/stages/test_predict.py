@@ -1,0 +1,137 @@
+"""Stage ``predict``: inputs, case names, prerequisites, the backbone row, resuming."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import SimpleITK as sitk
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nnunet"))
+from nnunet_testlib import pretrained_micro_workspace  # noqa: E402
+
+from mobseg.core.config import HeadConfig  # noqa: E402
+from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError  # noqa: E402
+from mobseg.manifest import Manifest  # noqa: E402
+from mobseg.stages import predict  # noqa: E402
+from mobseg.workspace import Workspace  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def micro_ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
+    return pretrained_micro_workspace(tmp_path_factory.mktemp("micro_ws"))
+
+
+@pytest.mark.parametrize(
+    ("path", "case"),
+    [
+        ("imagesTs/s0003_0000.nii.gz", "s0003"),
+        ("a/liver.nii.gz", "liver"),
+        ("a/b.nii", "b"),
+        ("s0000/ct.nii.gz", "s0000"),
+    ],
+)
+def test_case_names(path: str, case: str) -> None:
+    assert predict.case_name(Path(path)) == case
+
+
+def _inputs(src: Path | None, test_dir: Path | None = None, cases: list | None = None) -> dict:
+    params = predict.PredictParams("pancreas", input=src)
+    return predict.resolve_inputs(params, test_dir, cases or [])
+
+
+def _touch(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    return path
+
+
+def test_inputs_from_a_file_a_folder_and_a_totalsegmentator_folder(tmp_path: Path) -> None:
+    f = _touch(tmp_path / "one" / "x_0000.nii.gz")
+    assert _inputs(f) == {"x": f}
+    a, b = _touch(tmp_path / "dir" / "a.nii.gz"), _touch(tmp_path / "dir" / "b_0000.nii.gz")
+    _touch(tmp_path / "dir" / "notes.txt")
+    assert _inputs(tmp_path / "dir") == {"a": a, "b": b}
+    c = _touch(tmp_path / "ts" / "s0001" / "ct.nii.gz")
+    assert _inputs(tmp_path / "ts") == {"s0001": c}
+
+
+def test_input_errors(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="does not exist"):
+        _inputs(tmp_path / "no")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InvalidInputError, match="no .nii.gz"):
+        _inputs(tmp_path / "empty")
+    _touch(tmp_path / "dup" / "a.nii.gz")
+    _touch(tmp_path / "dup" / "a_0000.nii.gz")
+    with pytest.raises(InvalidInputError, match="same case id|case id 'a'"):
+        _inputs(tmp_path / "dup")
+    with pytest.raises(InvalidInputError, match="test image is missing"):
+        _inputs(None, tmp_path, ["s0009"])
+
+
+def test_needs_the_finetuned_run(micro_ws: Workspace) -> None:
+    params = predict.PredictParams("pancreas", head=HeadConfig("mob"), seed=42, device="cpu")
+    with pytest.raises(
+        MissingStageError, match="mobseg finetune --organ pancreas --method mob --seed 42"
+    ):
+        predict.run(micro_ws, params)
+    with pytest.raises(ConfigurationError, match="--samples"):
+        predict.run(micro_ws, predict.PredictParams("pancreas", samples=0, backbone=True))
+
+
+def test_backbone_on_the_real_ct_keeps_its_geometry(
+    micro_ws: Workspace, totalseg_example: Path, tmp_path: Path
+) -> None:
+    ct = totalseg_example / "s0000" / "ct.nii.gz"
+    out = tmp_path / "real"
+    params = predict.PredictParams("pancreas", backbone=True, input=ct, out=out, device="cpu")
+    rec = predict.run(micro_ws, params)
+    assert rec.key == "predict/pancreas/backbone/seed0"
+    assert rec.outputs["pred_dir"] == str(out) and rec.outputs["cases"] == ["s0000"]
+    ref = sitk.ReadImage(str(ct))
+    for suffix in ("seg", "prob", "var", "entropy", "mi"):
+        img = sitk.ReadImage(str(out / f"s0000_{suffix}.nii.gz"))
+        assert (img.GetSize(), img.GetSpacing(), img.GetOrigin(), img.GetDirection()) == (
+            ref.GetSize(),
+            ref.GetSpacing(),
+            ref.GetOrigin(),
+            ref.GetDirection(),
+        )
+    var = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "s0000_var.nii.gz")))
+    assert (var == 0).all()
+
+
+def test_default_input_is_the_test_split_and_interrupted_runs_resume(micro_ws: Workspace) -> None:
+    manifest = Manifest(micro_ws.manifest_path)
+    prep = manifest.require("prepare/pancreas", "x").outputs
+    test_cases = sorted(prep["splits"]["test"]) if "splits" in prep else None
+    params = predict.PredictParams("pancreas", backbone=True, seed=7, device="cpu")
+    rec = predict.run(micro_ws, params)
+    out = micro_ws.prediction_dir("pancreas", "backbone", 0)
+    assert rec.outputs["pred_dir"] == str(out) and rec.outputs["samples"] == 1
+    cases = rec.outputs["cases"]
+    assert cases and (test_cases is None or sorted(cases) == test_cases)
+    raw = Path(prep["raw_dir"]) / "imagesTs"
+    for case in cases:
+        ref = sitk.ReadImage(str(raw / f"{case}_0000.nii.gz"))
+        prob = sitk.ReadImage(str(out / f"{case}_prob.nii.gz"))
+        assert prob.GetSize() == ref.GetSize() and prob.GetOrigin() == ref.GetOrigin()
+        arr = sitk.GetArrayFromImage(prob)
+        assert arr.min() >= 0 and arr.max() <= 1
+    # same parameters again: nothing is redone
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+    assert predict.run(micro_ws, params).to_dict() == rec.to_dict()
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # an interrupted run (record still running): complete cases are not redone...
+    manifest.start("predict", rec.key, rec.params, rec.inputs)
+    assert predict.run(micro_ws, params).status == "done"
+    assert {p: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+    # ... and a case with a missing file is
+    manifest.start("predict", rec.key, rec.params, rec.inputs)
+    missing = out / f"{cases[0]}_seg.nii.gz"
+    missing.unlink()
+    rec2 = predict.run(micro_ws, params)
+    assert rec2.status == "done" and missing.exists()
+    assert rec2.outputs["cases"] == cases
