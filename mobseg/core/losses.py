@@ -123,12 +123,13 @@ def weight_negative_entropy(weights: Tensor, mask: Tensor | None = None) -> Tens
 def _labels(target: Tensor, mu: Tensor) -> Tensor:
     """(B, 1, *sp) or (B, *sp) labels -> (B, *sp) int64, checked against mu (B, C, *sp)."""
     b, c, sp = mu.shape[0], mu.shape[1], tuple(mu.shape[2:])
+    given = tuple(target.shape)
     if target.dim() == mu.dim() and target.shape[1] == 1:
         target = target[:, 0]
     if tuple(target.shape) != (b, *sp):
         raise ValueError(
             f"target must be (B, 1, *sp) = ({b}, 1, {', '.join(map(str, sp))}) integer labels to "
-            f"match the logits {tuple(mu.shape)}, got {tuple(target.shape)}."
+            f"match the logits {tuple(mu.shape)}, got {given}."
         )
     t = target.long()
     lo, hi = int(t.min()), int(t.max())
