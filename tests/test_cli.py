@@ -85,17 +85,32 @@ def test_status_renders_the_manifest(tmp_path: Path) -> None:
     m = Manifest(tmp_path / "manifest.json")
     m.put(StageRecord(stage="prepare", key="prepare/pancreas", status="done"))
     m.put(StageRecord(stage="pretrain", key="pretrain/pancreas", status="failed", error="oom"))
-    result = runner.invoke(app, ["--workdir", str(tmp_path), "status"], env={"COLUMNS": "200"})
+    summary = runner.invoke(app, ["--workdir", str(tmp_path), "status"], env={"COLUMNS": "200"})
+    assert summary.exit_code == 0
+    rows = {
+        ln.split()[1]: ln.split()[2:]
+        for ln in summary.output.splitlines()
+        if ln.startswith("│ pre")
+    }
+    # stage: total, done, running, failed, remaining
+    assert rows["prepare"][:4] == ["1", "1", "0", "0"]
+    assert rows["pretrain"][:4] == ["1", "0", "0", "1"]
+    result = runner.invoke(
+        app, ["--workdir", str(tmp_path), "status", "--records"], env={"COLUMNS": "200"}
+    )
     assert result.exit_code == 0
-    assert "prepare/pancreas" in result.output and "done" in result.output
-    assert "pretrain/pancreas" in result.output and "failed" in result.output
+    lines = result.output.splitlines()
+    assert any("prepare/pancreas" in ln and "done" in ln for ln in lines)
+    assert any("pretrain/pancreas" in ln and "failed" in ln and "oom" in ln for ln in lines)
 
 
 def test_workdir_from_environment(tmp_path: Path) -> None:
     Manifest(tmp_path / "manifest.json").put(
         StageRecord(stage="report", key="report", status="done")
     )
-    result = runner.invoke(app, ["status"], env={"MOBSEG_WORKDIR": str(tmp_path), "COLUMNS": "200"})
+    result = runner.invoke(
+        app, ["status", "--records"], env={"MOBSEG_WORKDIR": str(tmp_path), "COLUMNS": "200"}
+    )
     assert result.exit_code == 0
     assert "report" in result.output
 
