@@ -87,11 +87,8 @@ def test_status_renders_the_manifest(tmp_path: Path) -> None:
     m.put(StageRecord(stage="pretrain", key="pretrain/pancreas", status="failed", error="oom"))
     summary = runner.invoke(app, ["--workdir", str(tmp_path), "status"], env={"COLUMNS": "200"})
     assert summary.exit_code == 0
-    rows = {
-        ln.split()[1]: ln.split()[2:]
-        for ln in summary.output.splitlines()
-        if ln.startswith("│ pre")
-    }
+    cells = [[c.strip() for c in ln.strip("│").split("│")] for ln in summary.output.splitlines()]
+    rows = {c[0]: c[1:] for c in cells if c[0] in ("prepare", "pretrain")}
     # stage: total, done, running, failed, remaining
     assert rows["prepare"][:4] == ["1", "1", "0", "0"]
     assert rows["pretrain"][:4] == ["1", "0", "0", "1"]
