@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 import time
 import traceback
 from collections.abc import Callable, Sequence
@@ -508,11 +509,22 @@ class SubmititExecutor:
         ids: dict[str, dict[str, str]] = {}
         for group in groups.values():
             self._ex.update_parameters(**self.resources(group[0][0]))
-            with self._ex.batch():
-                handles = [
-                    self._ex.submit(execute, str(self.root), job, force, True)
-                    for job, force in group
-                ]
+            try:
+                with self._ex.batch():
+                    handles = [
+                        self._ex.submit(execute, str(self.root), job, force, True)
+                        for job, force in group
+                    ]
+            except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+                from mobseg.errors import ConfigurationError
+
+                lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                raise ConfigurationError(
+                    f"{self.name} refused to take {len(group)} {group[0][0].stage} job(s): "
+                    f"{lines[-1] if lines else type(exc).__name__}",
+                    "Check --partition, --gpus-per-job, --time-min and --slurm-arg; finished "
+                    "jobs are kept, rerun to continue.",
+                ) from exc
             for (job, force), handle in zip(group, handles, strict=True):
                 if self.cluster != "slurm" and hasattr(handle, "_results_timeout_s"):
                     # submitit waits this long for a result file that a killed job

@@ -226,6 +226,9 @@ def _run(
         result.interrupted = True
         result.left_on_cluster = executor.shutdown(interrupted=True)
         logger.warning("study interrupted; rerun the same command to continue")
+    except BaseException:
+        executor.shutdown(interrupted=True)  # e.g. the cluster refused a submission
+        raise
     else:
         executor.shutdown()
     result.not_started = [k for k, s in state.items() if s in ("todo", "running")]

@@ -305,3 +305,16 @@ def test_runner_strings_resolve() -> None:
     assert ex.log_name("predict/pancreas/mob-b3-r16/seed0/s 0") == (
         "predict__pancreas__mob-b3-r16__seed0__s_0"
     )
+
+
+@pytest.mark.usefixtures("fake_slurm_tools")
+def test_a_refused_slurm_submission_is_a_user_error(tmp_path: Path) -> None:
+    """sbatch failing (here: the fake one exits 3) stops the study with one clear line."""
+    ws = Workspace(tmp_path)
+    plan = Plan()
+    plan.add(Job("prepare", "prepare/a", fakes.Wrapped("prepare", "prepare/a", ()), gpus=0))
+    runner = ex.make_executor("slurm", tmp_path, options=ex.ClusterOptions(partition="nope"))
+    with pytest.raises(ConfigurationError, match="slurm refused to take 1 prepare job"):
+        run_plan(ws, plan, runner)
+    assert Manifest(ws.manifest_path).get("prepare/a") is None
+    assert not (tmp_path / "study" / "submitted.json").exists()
