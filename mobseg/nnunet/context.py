@@ -50,7 +50,7 @@ def prepared_dataset(manifest: Manifest, organ: str) -> tuple[StageRecord, Prepa
             dataset_id=int(out["dataset_id"]),
             dataset_name=str(out["dataset_name"]),
             raw_dir=Path(out["raw_dir"]),
-            splits={k: [str(c) for c in v] for k, v in splits.items()},
+            splits={k: [str(c) for c in splits.get(k, [])] for k in ("train", "val", "test")},
         )
     except (KeyError, OSError, ValueError, TypeError) as exc:
         raise InvalidInputError(
@@ -58,8 +58,6 @@ def prepared_dataset(manifest: Manifest, organ: str) -> tuple[StageRecord, Prepa
             f"({type(exc).__name__}: {exc}).",
             hint=f"Run `{prepare_command(organ)} --force`.",
         ) from exc
-    for part in ("train", "val", "test"):
-        data.splits.setdefault(part, [])
     return rec, data
 
 

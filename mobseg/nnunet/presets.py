@@ -130,7 +130,7 @@ CPU = Preset(
         spacing_factor=1.5,
         batch_size=2,
     ),
-    pretrain_epochs=40,
+    pretrain_epochs=20,
     pretrain_iterations=25,
     pretrain_val_iterations=2,
     pretrain_save_every=1,

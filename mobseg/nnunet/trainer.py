@@ -59,7 +59,13 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from mobseg.core.config import HeadConfig, LossConfig
 from mobseg.nnunet.env import quiet
-from mobseg.nnunet.network import StochasticUNet, build_network, feature_channels, load_backbone
+from mobseg.nnunet.network import (
+    StochasticUNet,
+    build_backbone,
+    build_network,
+    feature_channels,
+    load_backbone,
+)
 from mobseg.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -171,6 +177,23 @@ class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
                 original(folder)
 
         self.logger.plot_progress_png = plot  # nnU-Net's plot is slow; not every epoch
+
+    def build_network_architecture(  # type: ignore[override]
+        self,
+        plans_manager: Any,
+        configuration_manager: Any,
+        num_input_channels: int,
+        num_output_channels: int,
+        enable_deep_supervision: bool = True,
+    ) -> torch.nn.Module:
+        """nnU-Net's network, with :class:`~mobseg.nnunet.network.CPUConv3d` convolutions."""
+        return build_backbone(
+            plans_manager,
+            configuration_manager,
+            num_input_channels,
+            num_output_channels,
+            enable_deep_supervision,
+        )
 
     def save_checkpoint(self, filename: str) -> None:
         tmp = str(Path(filename).with_name(f".{Path(filename).name}.{os.getpid()}.tmp"))

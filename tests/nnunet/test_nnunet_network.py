@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
@@ -150,3 +151,30 @@ def test_full_checkpoint_round_trip_and_wrong_method(tmp_path: Path) -> None:
         assert torch.equal(v, net.state_dict()[k])
     with pytest.raises(InvalidInputError, match="does not fit its method"):
         load_full(_net("diagonal"), path)
+
+
+def test_cpu_convolutions_match_torch_and_keep_their_gradients() -> None:
+    from mobseg.nnunet.network import CPUConv3d, fast_cpu_convolutions
+
+    torch.manual_seed(0)
+    stock = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Conv3d(8, 4, 3, 2, 1))
+    fast = fast_cpu_convolutions(copy.deepcopy(stock))
+    assert all(type(m) is CPUConv3d for m in fast)
+    assert fast.state_dict().keys() == stock.state_dict().keys()
+    x = torch.randn(1, 1, 12, 10, 9, requires_grad=True)
+    xs = x.detach().clone().requires_grad_()
+    y, ys = fast(x), stock(xs)
+    torch.testing.assert_close(y, ys, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (ys * g).sum().backward()
+    torch.testing.assert_close(x.grad, xs.grad, atol=1e-5, rtol=1e-5)
+    for a, b in zip(fast.parameters(), stock.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-5)
+
+
+def test_built_backbones_use_the_cpu_convolutions() -> None:
+    from mobseg.nnunet.network import CPUConv3d
+
+    convs = [m for m in _net().backbone.modules() if isinstance(m, torch.nn.Conv3d)]
+    assert convs and all(type(m) is CPUConv3d for m in convs)
