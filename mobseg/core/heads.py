@@ -19,9 +19,11 @@ deviations of about 0.03 per noise source. Every basis starts with Frobenius
 norm sqrt(C) (all bases at the same scale, random directions). The mixing
 network of mob starts close to uniform weights.
 
-The heads compute in float32 (or in the dtype of their parameters) with
-autocast disabled: they are tiny next to the backbone, and fp16 variances would
-overflow.
+The heads run with autocast disabled. Their 1x1 convolutions read
+half-precision features (fp16/bf16 from an autocast backbone) in that dtype and
+cast only their few output channels to float32 (or to the dtype of their
+parameters, e.g. float64); everything after (softplus, variances, weights,
+samples) is float32, where fp16 variances would overflow.
 """
 
 from __future__ import annotations
@@ -70,13 +72,25 @@ class Pointwise(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_channels))
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, F, *sp) -> (B, O, *sp)."""
-        w = self.weight.reshape(*self.weight.shape, *([1] * (x.dim() - 2)))
+        """(B, F, *sp) -> (B, O, *sp), in the dtype of the parameters (at least float32).
+
+        Half-precision features (fp16/bf16, e.g. from an autocast backbone) are
+        convolved in their own dtype and only the O output channels are cast up,
+        so the F-channel features are never copied to float32.
+        """
+        out_dtype = torch.promote_types(self.weight.dtype, torch.float32)
+        dtype = x.dtype if x.dtype in (torch.float16, torch.bfloat16) else out_dtype
+        w = self.weight.to(dtype).reshape(*self.weight.shape, *([1] * (x.dim() - 2)))
+        b = self.bias.to(dtype)
         if x.dim() == 5:
-            return F.conv3d(x, w, self.bias)
-        if x.dim() == 4:
-            return F.conv2d(x, w, self.bias)
-        raise ValueError(f"Pointwise needs (B, F, *sp) with 2 or 3 spatial axes, got {x.shape}.")
+            out = F.conv3d(x.to(dtype), w, b)
+        elif x.dim() == 4:
+            out = F.conv2d(x.to(dtype), w, b)
+        else:
+            raise ValueError(
+                f"Pointwise needs (B, F, *sp) with 2 or 3 spatial axes, got {tuple(x.shape)}."
+            )
+        return out.to(out_dtype)
 
 
 def init_bases(num_bases: int, num_classes: int, rank: int) -> Tensor:
@@ -100,11 +114,6 @@ class StochasticHead(nn.Module):
         self.cfg = cfg
         self.in_channels = in_channels
         self.num_classes = cfg.num_classes
-
-    def _dtype(self) -> torch.dtype:
-        for p in self.parameters():
-            return torch.promote_types(p.dtype, torch.float32)
-        return torch.float32
 
     def forward(self, features: Tensor, mu: Tensor) -> LogitDistribution:
         """Map decoder features to the distribution of the logits.
@@ -133,7 +142,7 @@ class StochasticHead(nn.Module):
                 f"{tuple(mu.shape)}."
             )
         with torch.autocast(device_type=features.device.type, enabled=False):
-            return self._distribution(features.to(self._dtype()), mu)
+            return self._distribution(features, mu)
 
     def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
         raise NotImplementedError
@@ -253,7 +262,8 @@ class MixtureOfBasesHead(StochasticHead):
     def block_weights(self, h: Tensor) -> Tensor:
         """(B, F, *sp) features -> (B, P^d, M) weights on the simplex."""
         part = get_partition(tuple(h.shape[2:]), self.cfg.partitions)
-        pooled = block_mean(h, part).transpose(1, 2)  # (B, P^d, F)
+        dtype = torch.promote_types(self.bases.dtype, torch.float32)
+        pooled = block_mean(h, part).transpose(1, 2).to(dtype)  # (B, P^d, F)
         logits = self.mix_mlp(self.mix_in(pooled))
         return torch.softmax(logits / self.cfg.temperature, dim=-1)
 

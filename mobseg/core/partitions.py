@@ -15,14 +15,18 @@ The partition of a spatial shape is computed once and cached
 Two operations are provided as tensor ops without any loop over voxels:
 
 * :func:`block_mean` -- the mean of a feature map over each block, computed as
-  a separable product of per-axis indicator matrices (a few small matmuls).
+  a separable product of per-axis averaging matrices (a few small matmuls).
 * :func:`block_matvec` -- ``out[b, j, n] = sum_r G[b, p(n), j, r] x[b, r, n]``,
-  a block-dependent small matrix applied to a per-voxel vector. ``x`` is
-  copied once into block-major order (a ``view`` + ``permute`` of the padded
-  patch, squared on the fly when asked), all blocks are multiplied by one
-  ``bmm``, and the result is permuted back. Axes whose length is not a
-  multiple of P are first padded to P * ceil(L / P) by an ``index_select``
-  that repeats a voxel of each short piece; the padded outputs are dropped.
+  a block-dependent small matrix applied to a per-voxel vector. Slabs of
+  ``x`` (one batch item, one piece of the first axis: P^(d-1) blocks) are
+  copied into block-major order through ``view`` + ``permute`` (squared on
+  the fly when asked), multiplied by their block matrices with one ``bmm`` and
+  written back, so no temporary of the size of ``x`` is created. The Python
+  loop runs over these B * P slabs (more only for very large slabs), never
+  over voxels. Axes
+  whose length is not a multiple of P are first padded to P * ceil(L / P) by an
+  ``index_select`` that repeats a voxel of each short piece; the padded outputs
+  are dropped.
 """
 
 from __future__ import annotations
@@ -232,74 +236,84 @@ def block_mean(x: Tensor, partition: BlockPartition) -> Tensor:
             f"block_mean: x has spatial shape {sp}, the partition {partition.spatial_shape}."
         )
     out = x
-    # Contract the last spatial axis first; each step turns one axis of length L into P.
+    # Contract the last spatial axis first; each step turns one axis of length L into
+    # P piece means (the indicators are pre-divided by the piece sizes, so values
+    # stay on the scale of x: no overflow of block sums in half precision).
     for ax in reversed(range(partition.ndim)):
         e = partition.indicators(ax, x.dtype, x.device)
+        e = e / e.sum(0).clamp_min(1)
         out = torch.movedim(out, 2 + ax, -1) @ e  # axis -> last, contract, P at the end
         out = torch.movedim(out, -1, 2 + ax)
-    out = out.reshape(*x.shape[:2], partition.num_blocks)
-    counts = partition.counts(x.device).to(x.dtype).clamp_min(1)
-    return out / counts
+    return out.reshape(*x.shape[:2], partition.num_blocks)
 
 
-def _to_blocks(x: Tensor, parts: int) -> Tensor:
-    """(B, K, *sp) with sp divisible by P -> view (B, P, .., P, K, s, .., s) (no copy)."""
+#: Most elements of x handled per chunk by block_matvec (64 MB of float32). Fewer,
+#: larger chunks suit GPUs and contended CPUs (each op is a parallel region);
+#: the bound keeps the temporaries far below the size of x for large patches.
+CHUNK_ELEMENTS = 1 << 24
+
+
+def _chunks(x: Tensor, parts: int):
+    """Chunks of a (B, K, *sp) tensor with sp divisible by P, for block_matvec.
+
+    Yields ``(b, i0, sl)``: batch index, piece index along the first axis (the
+    chunk's blocks are ``i0 * P^(d-1) .. (i0 + 1) * P^(d-1) - 1``) and the
+    slice of the first axis. A slab (one batch item, one piece of the first
+    axis) is cut into plane ranges when it holds more than CHUNK_ELEMENTS values.
+    """
     b, k, *sp = x.shape
-    d = len(sp)
-    s = [n // parts for n in sp]
-    shape = [b, k]
-    for n in s:
-        shape += [parts, n]
-    v = x.view(shape)
-    order = [0, *[2 + 2 * i for i in range(d)], 1, *[3 + 2 * i for i in range(d)]]
+    s0 = sp[0] // parts
+    per_plane = k * math.prod(sp[1:])
+    planes = max(1, min(s0, CHUNK_ELEMENTS // max(per_plane, 1)))
+    for bi in range(b):
+        for i0 in range(parts):
+            for start in range(0, s0, planes):
+                lo = i0 * s0 + start
+                yield bi, i0, slice(lo, lo + min(planes, s0 - start))
+
+
+def _blocked_view(t: Tensor, parts: int) -> Tensor:
+    """Slab (K, c0, n1, .., n_last) -> strided view (P, .., P, K, c0, s1, .., s_last).
+
+    Every axis after the first is cut into P equal pieces, whose indices move
+    to the front (row-major block order within the slab).
+    """
+    rest = t.dim() - 2
+    v = t
+    for i in range(rest):
+        v = v.unflatten(2 + 2 * i, (parts, v.shape[2 + 2 * i] // parts))
+    order = [2 + 2 * i for i in range(rest)] + [0, 1] + [3 + 2 * i for i in range(rest)]
     return v.permute(order)
-
-
-def _block_order(d: int) -> list[int]:
-    """Permutation taking (B, P, .., P, K, s, .., s) to (B, K, P, s, P, s, ..)."""
-    order = [0, 1 + d]
-    for i in range(d):
-        order += [1 + i, 2 + d + i]
-    return order
-
-
-def _from_blocks(y: Tensor, parts: int, d: int) -> Tensor:
-    """View (B, P, .., P, K, s, .., s) -> contiguous (B, K, P*s, ..) in natural order."""
-    v = y.permute(_block_order(d))
-    b, k = v.shape[:2]
-    sp = [v.shape[2 + 2 * i] * v.shape[3 + 2 * i] for i in range(d)]
-    return v.reshape(b, k, *sp)
-
-
-def _blocked(x: Tensor, parts: int, square: bool) -> Tensor:
-    """(B, R, *sp) -> contiguous (B * P^d, R, L) in block-major order, squared if asked."""
-    v = _to_blocks(x, parts)
-    out = torch.empty(v.shape, dtype=x.dtype, device=x.device)
-    if square:
-        torch.mul(v, v, out=out)
-    else:
-        out.copy_(v)
-    b, r = x.shape[:2]
-    return out.view(b * parts ** (x.dim() - 2), r, -1)
 
 
 class _UniformBlockMatVec(torch.autograd.Function):
     """out[b, :, n] = G[b, p(n)] @ f(x[b, :, n]) for equal blocks; f = identity or square.
 
-    Saves only ``g`` and ``x`` (already alive) and recomputes the block-major
-    copy in backward, so the (B, R, *sp) square is never stored.
+    Works chunk by chunk (see :func:`_chunks`): each chunk of x is copied (and
+    squared) into block-major order in a buffer, multiplied by its P^(d-1)
+    block matrices with one bmm and written back, so temporaries stay far
+    below the size of x. Saves only ``g`` and ``x`` (already alive) and
+    recomputes the buffers in backward.
     """
 
     @staticmethod
     def forward(ctx, g: Tensor, x: Tensor, parts: int, square: bool) -> Tensor:  # noqa: D102
+        b, r = x.shape[:2]
+        j = g.shape[2]
+        nrow = parts ** (x.dim() - 3)  # blocks per slab
+        out = x.new_empty((b, j, *x.shape[2:]))
+        g_slabs = g.view(b, parts, nrow, j, r)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            b, r, *sp = x.shape
-            d = len(sp)
-            nb, j = g.shape[1], g.shape[2]
-            xb = _blocked(x, parts, square)  # (B*nb, R, L)
-            ob = torch.bmm(g.reshape(b * nb, j, r), xb)  # (B*nb, J, L)
-            s = [n // parts for n in sp]
-            out = _from_blocks(ob.view(b, *([parts] * d), j, *s), parts, d)
+            for bi, i0, sl in _chunks(x, parts):
+                xv = _blocked_view(x[bi, :, sl], parts)  # (P, .., R, *chunk)
+                buf = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
+                if square:
+                    torch.mul(xv, xv, out=buf)
+                else:
+                    buf.copy_(xv)
+                res = torch.bmm(g_slabs[bi, i0], buf.view(nrow, r, -1))  # (P^(d-1), J, L)
+                ov = _blocked_view(out[bi, :, sl], parts)
+                ov.copy_(res.view(ov.shape))
         ctx.save_for_backward(g, x)
         ctx.parts, ctx.square = parts, square
         return out
@@ -309,30 +323,34 @@ class _UniformBlockMatVec(torch.autograd.Function):
         g, x = ctx.saved_tensors
         parts, square = ctx.parts, ctx.square
         need_g, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        b, r, *sp = x.shape
-        d = len(sp)
-        nb, j = g.shape[1], g.shape[2]
-        grad_g = grad_x = None
+        grad_out = grad_out.contiguous()  # J channels only; never a stride-0 expansion
+        b, r = x.shape[:2]
+        j = g.shape[2]
+        nrow = parts ** (x.dim() - 3)
+        g_slabs = g.view(b, parts, nrow, j, r)
+        grad_g = torch.zeros_like(g) if need_g else None
+        grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
+        gg_slabs = grad_g.view(g_slabs.shape) if need_g else None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            gb = _to_blocks(grad_out.contiguous(), parts).reshape(b * nb, j, -1)
-            if need_g:
-                xb = _blocked(x, parts, square)
-                grad_g = torch.bmm(gb, xb.transpose(1, 2)).view(g.shape)
-                del xb
-            if need_x:
-                gt = g.reshape(b * nb, j, r).transpose(1, 2)
-                if square:
-                    gt = 2 * gt
-                gq = torch.bmm(gt, gb)  # (B*nb, R, L)
-                s = [n // parts for n in sp]
-                # Write straight into the natural layout through 2d+2-dim views (no extra copy).
-                gq_v = gq.view(b, *([parts] * d), r, *s).permute(_block_order(d))
-                grad_x = torch.empty_like(x, memory_format=torch.contiguous_format)
-                gx_v = grad_x.view(gq_v.shape)
-                if square:
-                    torch.mul(gq_v, x.view(gq_v.shape), out=gx_v)
-                else:
-                    gx_v.copy_(gq_v)
+            for bi, i0, sl in _chunks(x, parts):
+                gb = _blocked_view(grad_out[bi, :, sl], parts).reshape(nrow, j, -1)
+                xv = _blocked_view(x[bi, :, sl], parts)  # (P, .., R, *chunk)
+                if need_g:
+                    buf = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
+                    if square:
+                        torch.mul(xv, xv, out=buf)
+                    else:
+                        buf.copy_(xv)
+                    gg_slabs[bi, i0] += torch.bmm(gb, buf.view(nrow, r, -1).transpose(1, 2))
+                    del buf
+                if need_x:
+                    gt = g_slabs[bi, i0].transpose(1, 2)
+                    gq = torch.bmm(2 * gt if square else gt, gb).view(xv.shape)
+                    gx = _blocked_view(grad_x[bi, :, sl], parts)
+                    if square:
+                        torch.mul(gq, xv, out=gx)
+                    else:
+                        gx.copy_(gq)
         return grad_g, grad_x, None, None
 
 

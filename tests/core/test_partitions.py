@@ -127,3 +127,26 @@ def test_pad_indices_round_trip() -> None:
             src = int(pad[i * part.padded_size(ax) + j])
             assert e[i] <= src < e[i + 1] or (e[i] == e[i + 1] and src == 0)
     assert get_partition((8, 8), 4).pad_index(0) is None
+
+
+@pytest.mark.parametrize(("shape", "parts"), [((8, 4, 6), 2), ((7, 5, 9), 4), ((9, 6), 3)])
+def test_block_matvec_in_small_chunks(shape, parts, monkeypatch) -> None:
+    """Rows of blocks cut into several chunks along the first axis give the same result."""
+    import mobseg.core.partitions as partitions
+
+    monkeypatch.setattr(partitions, "CHUNK_ELEMENTS", 7)
+    torch.manual_seed(3)
+    part = get_partition(shape, parts)
+    g = torch.randn(2, part.num_blocks, 3, 2, dtype=torch.float64)
+    x = torch.randn(2, 2, *shape, dtype=torch.float64)
+    for square in (False, True):
+        got = block_matvec(g, x, part, square=square)
+        torch.testing.assert_close(got, _matvec_loop(g, x, part.index(), square))
+    if shape == (8, 4, 6):
+        g.requires_grad_()
+        x = x[:, :, :4].clone().requires_grad_()  # (2, 2, 4, 4, 6): 2 planes per block row
+        part = get_partition((4, 4, 6), 2)
+        for square in (False, True):
+            assert torch.autograd.gradcheck(
+                lambda g, x, s=square: block_matvec(g, x, part, s), (g, x), fast_mode=True
+            )
