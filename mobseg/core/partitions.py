@@ -17,13 +17,13 @@ Two operations are provided as tensor ops without any loop over voxels:
 * :func:`block_mean` -- the mean of a feature map over each block, computed as
   a separable product of per-axis averaging matrices (a few small matmuls).
 * :func:`block_matvec` -- ``out[b, j, n] = sum_r G[b, p(n), j, r] x[b, r, n]``,
-  a block-dependent small matrix applied to a per-voxel vector. Slabs of
-  ``x`` (one batch item, one piece of the first axis: P^(d-1) blocks) are
+  a block-dependent small matrix applied to a per-voxel vector. ``x`` is
   copied into block-major order through ``view`` + ``permute`` (squared on
-  the fly when asked), multiplied by their block matrices with one ``bmm`` and
-  written back, so no temporary of the size of ``x`` is created. The Python
-  loop runs over these B * P slabs (more only for very large slabs), never
-  over voxels. Axes
+  the fly when asked), multiplied by its block matrices with one ``bmm`` and
+  written back. Tensors above CHUNK_ELEMENTS values (64 MB) are processed in
+  slabs (one batch item, one piece of the first axis: P^(d-1) blocks), so no
+  temporary of the size of a large ``x`` is created; the Python loop runs over
+  these B * P slabs, never over voxels. Axes
   whose length is not a multiple of P are first padded to P * ceil(L / P) by an
   ``index_select`` that repeats a voxel of each short piece; the padded outputs
   are dropped.
@@ -256,12 +256,17 @@ CHUNK_ELEMENTS = 1 << 24
 def _chunks(x: Tensor, parts: int):
     """Chunks of a (B, K, *sp) tensor with sp divisible by P, for block_matvec.
 
-    Yields ``(b, i0, sl)``: batch index, piece index along the first axis (the
-    chunk's blocks are ``i0 * P^(d-1) .. (i0 + 1) * P^(d-1) - 1``) and the
-    slice of the first axis. A slab (one batch item, one piece of the first
-    axis) is cut into plane ranges when it holds more than CHUNK_ELEMENTS values.
+    Yields ``(index, whole, slab)``: the index of the chunk in x (always with a
+    batch axis), whether it is the whole tensor, and for slabs ``(b, i0)``
+    (batch item and piece of the first axis: blocks ``i0 * P^(d-1) ..
+    (i0 + 1) * P^(d-1) - 1``). Tensors of at most CHUNK_ELEMENTS values are one
+    chunk; larger ones are cut into slabs, and slabs into ranges of planes of
+    the first axis when they hold more than CHUNK_ELEMENTS values.
     """
     b, k, *sp = x.shape
+    if x.numel() <= CHUNK_ELEMENTS:
+        yield (slice(None),), True, None
+        return
     s0 = sp[0] // parts
     per_plane = k * math.prod(sp[1:])
     planes = max(1, min(s0, CHUNK_ELEMENTS // max(per_plane, 1)))
@@ -269,50 +274,61 @@ def _chunks(x: Tensor, parts: int):
         for i0 in range(parts):
             for start in range(0, s0, planes):
                 lo = i0 * s0 + start
-                yield bi, i0, slice(lo, lo + min(planes, s0 - start))
+                sl = slice(lo, lo + min(planes, s0 - start))
+                yield (slice(bi, bi + 1), slice(None), sl), False, (bi, i0)
 
 
-def _blocked_view(t: Tensor, parts: int) -> Tensor:
-    """Slab (K, c0, n1, .., n_last) -> strided view (P, .., P, K, c0, s1, .., s_last).
+def _blocked_view(t: Tensor, parts: int, whole: bool) -> Tensor:
+    """(Bc, K, a_0, .., a_last) -> strided view (Bc, P, .., P, K, s_0 or a_0, s_1, ..).
 
-    Every axis after the first is cut into P equal pieces, whose indices move
-    to the front (row-major block order within the slab).
+    Every spatial axis (all of them when ``whole``, else all but the first) is
+    cut into P equal pieces whose indices move in front of K, in row-major
+    block order.
     """
-    rest = t.dim() - 2
-    v = t
-    for i in range(rest):
-        v = v.unflatten(2 + 2 * i, (parts, v.shape[2 + 2 * i] // parts))
-    order = [2 + 2 * i for i in range(rest)] + [0, 1] + [3 + 2 * i for i in range(rest)]
-    return v.permute(order)
+    axes = t.dim() - 2
+    v, pos, pdims, sdims = t, 2, [], []
+    for i in range(axes):
+        if whole or i > 0:
+            v = v.unflatten(pos, (parts, v.shape[pos] // parts))
+            pdims.append(pos)
+            pos += 1
+        sdims.append(pos)
+        pos += 1
+    return v.permute([0, *pdims, 1, *sdims])
+
+
+def _select(g: Tensor, parts: int, whole: bool, slab: tuple[int, int] | None) -> Tensor:
+    """The (n, J, R) block matrices of a chunk, in the order of _blocked_view."""
+    b, nb, j, r = g.shape
+    if whole:
+        return g.reshape(b * nb, j, r)
+    return g.view(b, parts, nb // parts, j, r)[slab]
 
 
 class _UniformBlockMatVec(torch.autograd.Function):
     """out[b, :, n] = G[b, p(n)] @ f(x[b, :, n]) for equal blocks; f = identity or square.
 
     Works chunk by chunk (see :func:`_chunks`): each chunk of x is copied (and
-    squared) into block-major order in a buffer, multiplied by its P^(d-1)
-    block matrices with one bmm and written back, so temporaries stay far
-    below the size of x. Saves only ``g`` and ``x`` (already alive) and
-    recomputes the buffers in backward.
+    squared) into block-major order in a buffer, multiplied by its block
+    matrices with one bmm and written back. Saves only ``g`` and ``x`` (already
+    alive) and recomputes the buffers in backward.
     """
 
     @staticmethod
     def forward(ctx, g: Tensor, x: Tensor, parts: int, square: bool) -> Tensor:  # noqa: D102
-        b, r = x.shape[:2]
-        j = g.shape[2]
-        nrow = parts ** (x.dim() - 3)  # blocks per slab
-        out = x.new_empty((b, j, *x.shape[2:]))
-        g_slabs = g.view(b, parts, nrow, j, r)
+        r, j = x.shape[1], g.shape[2]
+        out = x.new_empty((x.shape[0], j, *x.shape[2:]))
         with torch.autocast(device_type=x.device.type, enabled=False):
-            for bi, i0, sl in _chunks(x, parts):
-                xv = _blocked_view(x[bi, :, sl], parts)  # (P, .., R, *chunk)
+            for idx, whole, slab in _chunks(x, parts):
+                xv = _blocked_view(x[idx], parts, whole)  # (Bc, P, .., R, *s)
                 buf = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
                 if square:
                     torch.mul(xv, xv, out=buf)
                 else:
                     buf.copy_(xv)
-                res = torch.bmm(g_slabs[bi, i0], buf.view(nrow, r, -1))  # (P^(d-1), J, L)
-                ov = _blocked_view(out[bi, :, sl], parts)
+                gs = _select(g, parts, whole, slab)  # (n, J, R)
+                res = torch.bmm(gs, buf.view(gs.shape[0], r, -1))  # (n, J, L)
+                ov = _blocked_view(out[idx], parts, whole)
                 ov.copy_(res.view(ov.shape))
         ctx.save_for_backward(g, x)
         ctx.parts, ctx.square = parts, square
@@ -324,29 +340,29 @@ class _UniformBlockMatVec(torch.autograd.Function):
         parts, square = ctx.parts, ctx.square
         need_g, need_x = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_out = grad_out.contiguous()  # J channels only; never a stride-0 expansion
-        b, r = x.shape[:2]
-        j = g.shape[2]
-        nrow = parts ** (x.dim() - 3)
-        g_slabs = g.view(b, parts, nrow, j, r)
+        r, j = x.shape[1], g.shape[2]
         grad_g = torch.zeros_like(g) if need_g else None
         grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
-        gg_slabs = grad_g.view(g_slabs.shape) if need_g else None
         with torch.autocast(device_type=x.device.type, enabled=False):
-            for bi, i0, sl in _chunks(x, parts):
-                gb = _blocked_view(grad_out[bi, :, sl], parts).reshape(nrow, j, -1)
-                xv = _blocked_view(x[bi, :, sl], parts)  # (P, .., R, *chunk)
+            for idx, whole, slab in _chunks(x, parts):
+                gs = _select(g, parts, whole, slab)
+                n = gs.shape[0]
+                gb = _blocked_view(grad_out[idx], parts, whole).reshape(n, j, -1)
+                xv = _blocked_view(x[idx], parts, whole)
                 if need_g:
                     buf = torch.empty(xv.shape, dtype=x.dtype, device=x.device)
                     if square:
                         torch.mul(xv, xv, out=buf)
                     else:
                         buf.copy_(xv)
-                    gg_slabs[bi, i0] += torch.bmm(gb, buf.view(nrow, r, -1).transpose(1, 2))
+                    _select(grad_g, parts, whole, slab).add_(
+                        torch.bmm(gb, buf.view(n, r, -1).transpose(1, 2))
+                    )
                     del buf
                 if need_x:
-                    gt = g_slabs[bi, i0].transpose(1, 2)
+                    gt = gs.transpose(1, 2)
                     gq = torch.bmm(2 * gt if square else gt, gb).view(xv.shape)
-                    gx = _blocked_view(grad_x[bi, :, sl], parts)
+                    gx = _blocked_view(grad_x[idx], parts, whole)
                     if square:
                         torch.mul(gq, xv, out=gx)
                     else:
