@@ -321,3 +321,16 @@ def test_half_precision_inputs_compute_in_float32(half) -> None:
         s = dist.rsample(4)
     assert s.dtype == torch.float32 and torch.isfinite(s).all()
     assert dist.dtype == torch.float32
+
+
+@pytest.mark.parametrize("noise", ["voxel", "block"])
+def test_more_pieces_than_voxels_leaves_empty_blocks(noise) -> None:
+    """P = 4 on a 3 x 2 x 5 patch: empty blocks, padded axes, covariance still exact."""
+    params = random_params("mob", 2, 2, (3, 2, 5), partitions=4, seed=4)
+    dist = build("mob", params, partitions=4, noise=noise)
+    assert int(dist.block_mask.sum()) == 3 * 2 * 4
+    want = oracle_covariance("mob", params, {"noise": noise}, parts=4)
+    np.testing.assert_allclose(dist.dense_covariance().numpy(), want, rtol=1e-10, atol=1e-10)
+    x = dist.rsample(50_000, generator=torch.Generator().manual_seed(0)).reshape(50_000, 2, -1)
+    emp = torch.stack([torch.cov(x[:, b].T) for b in range(2)])
+    assert float((emp - torch.from_numpy(want)).norm() / np.linalg.norm(want)) < 0.05
