@@ -124,3 +124,63 @@ def test_mirroring_counts_as_more_samples() -> None:
     tta = _predictor(tta_net, 2, 2, tta=True).predict_moments(image.numpy())
     assert tta_net.calls == 8 * plain_net.calls
     torch.testing.assert_close(tta, plain)
+
+
+def _head_dist(method: str, seed: int = 0, sp: tuple[int, int, int] = (4, 4, 4)):
+    from mobseg.core.config import HeadConfig
+    from mobseg.core.registry import build_head
+
+    torch.manual_seed(seed)
+    head = build_head(HeadConfig(method, rank=4, bases=2, partitions=2), 6)
+    for p in head.parameters():  # larger variances than at initialisation
+        p.data.normal_(0, 0.3)
+    feats = torch.randn(1, 6, *sp)
+    mu = torch.randn(1, 2, *sp) * 2
+    with torch.no_grad():
+        return head(feats, mu)
+
+
+def _gauss_hermite_moments(loc: np.ndarray, var: np.ndarray) -> np.ndarray:
+    """Exact E[p_1], E[p_1^2], E[H] for d ~ N(loc, var), p_1 = sigmoid(d) (80-node quadrature)."""
+    x, w = np.polynomial.hermite_e.hermegauss(80)
+    w = w / w.sum()
+    d = loc[..., None] + np.sqrt(var)[..., None] * x
+    p1 = 1 / (1 + np.exp(-d))
+    h = p1 * np.logaddexp(0, -d) + (1 - p1) * np.logaddexp(0, d)  # -ln p1 = softplus(-d)
+    return np.stack([(p1 * w).sum(-1), (p1**2 * w).sum(-1), (h * w).sum(-1)])
+
+
+@pytest.mark.parametrize("method", ["diagonal", "lowrank", "single-basis", "mob"])
+def test_binary_sampling_matches_quadrature_of_the_marginal(method: str) -> None:
+    from mobseg.nnunet.predictor import binary_marginal_moments
+
+    dist = _head_dist(method)
+    gen = torch.Generator().manual_seed(0)
+    k = 20000
+    got = binary_marginal_moments(dist, k, chunk=5000, generator=gen)[0].double().numpy()
+    mu = dist.mean[0].double().numpy()
+    # the marginal variance of eta_1 - eta_0 from the distribution's own samples (independent
+    # of voxel_covariance): 4000 joint draws
+    eta = dist.rsample(4000)[:, 0].detach().double()
+    var = (eta[:, 1] - eta[:, 0]).var(0).numpy()
+    exact = _gauss_hermite_moments(mu[1] - mu[0], var)
+    # MC error of a mean of k values in [0, 1] (<= 0.5 / sqrt(k)) plus the error of var
+    np.testing.assert_allclose(got[1], exact[0], atol=0.02)
+    np.testing.assert_allclose(got[3], exact[1], atol=0.02)
+    np.testing.assert_allclose(got[4], exact[2], atol=0.03)
+    np.testing.assert_allclose(got[0] + got[1], 1.0, atol=1e-6)
+    assert (got[3] - got[1] ** 2 >= -1e-6).all()
+
+
+@pytest.mark.parametrize("method", ["lowrank", "mob"])
+def test_binary_sampling_agrees_with_joint_sampling(method: str) -> None:
+    """Same moments as core's mc_moments (softmax of full joint samples), within MC error."""
+    from mobseg.core.inference import mc_moments
+    from mobseg.nnunet.predictor import binary_marginal_moments
+
+    dist = _head_dist(method, seed=3)
+    torch.manual_seed(1)
+    ours = binary_marginal_moments(dist, 6000, chunk=2000)[0]
+    ref = mc_moments(dist, 6000, chunk=2000)
+    theirs = torch.cat([ref.mean_p, ref.mean_p2, ref.mean_entropy], 1)[0]
+    torch.testing.assert_close(ours, theirs.float(), atol=0.03, rtol=0)
