@@ -108,7 +108,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--bases", type=int, default=3)
     ap.add_argument("--partitions", type=int, default=4)
-    ap.add_argument("--chunk", type=int, default=10, help="samples drawn at once")
+    ap.add_argument("--chunk", type=int, default=None, help="samples drawn at once (default: auto)")
     ap.add_argument("--repeats", type=int, default=3, help="measured rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(STOCHASTIC))
@@ -148,7 +148,7 @@ def main() -> None:
     print(
         f"prediction of a {args.size}^3 volume, patch {args.patch}^3, step 0.5, features "
         f"{args.features}, R = {args.rank}, M = {args.bases}, P = {args.partitions}, chunk "
-        f"{args.chunk}, {args.threads} threads, CPU, {args.repeats} interleaved rounds"
+        f"{args.chunk or 'auto'}, {args.threads} threads, CPU, {args.repeats} interleaved rounds"
     )
     print(f"{'configuration':<20}{'wall s':>9}{'x det':>8}{'cpu s':>9}{'x det':>8}{'peak MB':>10}")
     for label in runs:

@@ -80,6 +80,10 @@ def tile_moments(dist: Any, k: int, chunk: int) -> torch.Tensor:
     return torch.cat([mean_p.float(), mom.mean_p2.float(), ent.float()], dim=1)
 
 
+#: Default memory budget of one chunk of samples: values per class (2^22 = 16 MB float32).
+CHUNK_ELEMENTS = 2**22
+
+
 @torch.no_grad()
 def binary_marginal_moments(
     dist: Any, k: int, chunk: int, generator: torch.Generator | None = None
@@ -95,7 +99,8 @@ def binary_marginal_moments(
     of p with exactly the distribution of sampling eta and applying softmax:
 
         p_1 = sigmoid(d),  p_0 = 1 - p_1,
-        H(p) = -(p_1 ln p_1 + p_0 ln p_0),  ln p_1 = logsigmoid(d), ln p_0 = logsigmoid(-d).
+        H(p) = -(p_1 ln p_1 + p_0 ln p_0) = softplus(-d) + p_0 d
+        (from ln p_1 = -softplus(-d) and ln p_0 = ln p_1 - d).
 
     Args:
         dist: A two-class logit distribution of :mod:`mobseg.core`.
@@ -124,12 +129,12 @@ def binary_marginal_moments(
             c = min(chunk, k - done)
             z = torch.randn((c, *loc.shape), generator=generator, device=loc.device)
             d = torch.addcmul(loc, std, z)  # (c, B, 1, *sp)
-            lp1 = torch.nn.functional.logsigmoid(d)
-            lp0 = torch.nn.functional.logsigmoid(-d)
-            p1 = lp1.exp()
+            p1 = torch.sigmoid(d)
+            # H = -p1 ln p1 - p0 ln p0 = softplus(-d) + p0 * d   (ln p1 = -softplus(-d))
+            h = torch.nn.functional.softplus(-d).add_(d.mul_(1 - p1))
             s1 += p1.sum(0)
-            s2 += p1.square().sum(0)
-            sh -= (p1 * lp1 + (1 - p1) * lp0).sum(0)
+            s2 += p1.square_().sum(0)
+            sh += h.sum(0)
             done += c
     m1, m2, h = s1 / k, s2 / k, sh / k
     m0 = 1 - m1
@@ -150,7 +155,8 @@ class MCPredictor(nnUNetPredictor):
 
     Args:
         samples: k, samples of the logits per tile (and per mirrored pass).
-        chunk: Samples drawn at once (bounds the memory of one tile).
+        chunk: Samples drawn at once (bounds the memory of one tile); None = as many
+            as fit in :data:`CHUNK_ELEMENTS` values per class.
         tile_step_size: Sliding-window step as a fraction of the patch.
         use_mirroring: Mirroring test-time augmentation.
         device: Torch device.
@@ -159,7 +165,7 @@ class MCPredictor(nnUNetPredictor):
     def __init__(
         self,
         samples: int = 30,
-        chunk: int = 10,
+        chunk: int | None = None,
         tile_step_size: float = 0.5,
         use_mirroring: bool = False,
         device: torch.device | str = "cpu",
@@ -179,7 +185,9 @@ class MCPredictor(nnUNetPredictor):
         if samples < 1:
             raise ValueError(f"samples must be >= 1, got {samples}")
         self.samples = samples
-        self.chunk = max(1, chunk)
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1, got {chunk}")
+        self.chunk = chunk
         self.point_mass = False
 
     def setup(
@@ -205,6 +213,14 @@ class MCPredictor(nnUNetPredictor):
             )
         self.point_mass = point_mass
 
+    def chunk_for(self, x: torch.Tensor, k: int) -> int:
+        """Samples drawn at once for tile ``x``: the fixed ``chunk``, or as many as fit in
+        :data:`CHUNK_ELEMENTS` values per class (at least 1, at most k)."""
+        if self.chunk is not None:
+            return self.chunk
+        voxels = x.shape[0] * int(np.prod(x.shape[2:]))
+        return int(max(1, min(k, CHUNK_ELEMENTS // max(1, voxels))))
+
     @property
     def num_moment_channels(self) -> int:
         return 2 * self.label_manager.num_segmentation_heads + 1
@@ -222,7 +238,7 @@ class MCPredictor(nnUNetPredictor):
         for axes in axes_sets:
             xin = torch.flip(x, axes) if axes else x
             _, dist = self.network(xin, stochastic=True)
-            mom = tile_moments(dist, k, self.chunk)
+            mom = tile_moments(dist, k, self.chunk_for(xin, k))
             if axes:
                 mom = torch.flip(mom, axes)
             total = mom if total is None else total + mom

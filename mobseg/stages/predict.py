@@ -61,7 +61,8 @@ class PredictParams:
         backbone: Predict with the pretrained backbone (tag ``backbone``,
             seed 0) instead of a fine-tuned run; ``head`` and ``seed`` are
             then ignored.
-        chunk: Samples drawn at once per tile (memory bound).
+        chunk: Samples drawn at once per tile (memory bound); None = as many as fit
+            in 2^22 values per class.
     """
 
     organ: str
@@ -73,7 +74,7 @@ class PredictParams:
     out: Path | None = None
     device: str = "auto"
     backbone: bool = False
-    chunk: int = 10
+    chunk: int | None = None
 
     @property
     def tag(self) -> str:
@@ -181,7 +182,7 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
 
     if params.samples < 1:
         raise ConfigurationError(f"--samples must be >= 1, got {params.samples}.")
-    if params.chunk < 1:
+    if params.chunk is not None and params.chunk < 1:
         raise ConfigurationError(f"chunk must be >= 1, got {params.chunk}.")
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)

@@ -184,3 +184,17 @@ def test_binary_sampling_agrees_with_joint_sampling(method: str) -> None:
     ref = mc_moments(dist, 6000, chunk=2000)
     theirs = torch.cat([ref.mean_p, ref.mean_p2, ref.mean_entropy], 1)[0]
     torch.testing.assert_close(ours, theirs.float(), atol=0.03, rtol=0)
+
+
+def test_automatic_chunk_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mobseg.nnunet import predictor as mod
+
+    pred = _predictor(StubNet(30), 30, chunk=None)
+    tile = torch.zeros(1, 1, 16, 16, 16)
+    assert pred.chunk_for(tile, 30) == 30  # 30 x 4096 values fit in 2^22
+    monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 3 * 4096)
+    assert pred.chunk_for(tile, 30) == 3
+    monkeypatch.setattr(mod, "CHUNK_ELEMENTS", 10)
+    assert pred.chunk_for(tile, 30) == 1
+    fixed = _predictor(StubNet(30), 30, chunk=7)
+    assert fixed.chunk_for(tile, 30) == 7
