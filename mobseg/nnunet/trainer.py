@@ -162,8 +162,17 @@ class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
     progress_label = "pretrain"
     plot_every = 10
 
-    def configure(self, epochs: int, iterations: int, val_iterations: int, save_every: int) -> None:
-        """Set the length of training (call before ``initialize``)."""
+    def configure(
+        self,
+        epochs: int,
+        iterations: int,
+        val_iterations: int,
+        save_every: int,
+        lr: float | None = None,
+    ) -> None:
+        """Set the length of training and the initial learning rate (before ``initialize``)."""
+        if lr is not None:
+            self.initial_lr = lr
         self.num_epochs = epochs
         self.num_iterations_per_epoch = iterations
         self.num_val_iterations_per_epoch = val_iterations

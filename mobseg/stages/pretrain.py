@@ -138,7 +138,11 @@ def _pretrain(params: PretrainParams, preset: Any, data: Any, device: str, force
         for old in out_dir.glob("checkpoint_*.pth"):
             old.unlink()
     trainer.configure(
-        epochs, iterations, preset.pretrain_val_iterations, preset.pretrain_save_every
+        epochs,
+        iterations,
+        preset.pretrain_val_iterations,
+        preset.pretrain_save_every,
+        lr=preset.pretrain_lr,
     )
     final = out_dir / "checkpoint_final.pth"
     latest = out_dir / "checkpoint_latest.pth"

@@ -21,6 +21,7 @@ def test_paper_preset_is_the_published_protocol() -> None:
     # the paper's fine-tuning: 20 x 250 at batch size 1, validation every epoch
     assert (p.finetune_epochs, p.finetune_iterations, p.finetune_batch_size) == (20, 250, 1)
     assert p.val_every == 1
+    assert p.pretrain_lr is None  # nnU-Net's own initial learning rate
 
 
 def test_cpu_and_micro_presets_are_small_derived_plans() -> None:
@@ -33,6 +34,7 @@ def test_cpu_and_micro_presets_are_small_derived_plans() -> None:
         assert p.plan.spacing_factor > 1
         assert p.n_proc_da == 0 and p.num_processes == 1
     assert get_preset("micro").pretrain_epochs < get_preset("cpu").pretrain_epochs
+    assert get_preset("cpu").pretrain_lr == 3e-2
 
 
 def test_presets_are_overridable_dataclasses() -> None:
