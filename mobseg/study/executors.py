@@ -104,6 +104,7 @@ def execute(root: str, job: Job, force: bool = False, worker: bool = False) -> O
     if worker:
         from mobseg import progress
 
+        _default_sigterm()
         progress.set_enabled(False)
         log = logging.getLogger("mobseg")
         if not log.handlers:
@@ -129,6 +130,24 @@ def execute(root: str, job: Job, force: bool = False, worker: bool = False) -> O
             seconds=time.monotonic() - start,
         )
     return Outcome(job.key, True, seconds=time.monotonic() - start)
+
+
+def _default_sigterm() -> None:
+    """Let SIGTERM end this worker and the processes it forks.
+
+    submitit's job environment makes SIGTERM a no-op ("Bypassing signal
+    SIGTERM"; it preempts with SIGUSR2), and forked children inherit that
+    handler. nnU-Net lists a dataset with a fork ``multiprocessing.Pool``; a
+    forked worker can hang (e.g. on a lock that another thread held at fork
+    time), and the pool's ``terminate()`` ends it with SIGTERM. With the
+    bypassing handler it never ends and the job waits forever (seen with
+    ``pretrain`` under submitit). With the default action it ends; a job
+    killed this way is resubmitted (``retries``) and its stage resumes.
+    """
+    try:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the main thread: leave the handler alone
+        pass
 
 
 class Executor(Protocol):

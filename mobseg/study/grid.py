@@ -8,9 +8,9 @@ worker processes and cluster nodes.
 
 Dependencies, per organ ``o``, tag ``t`` (``HeadConfig.tag()``) and seed ``s``::
 
-    prepare/o -> pretrain/o -> finetune/o/t/seed<s> -> predict/o/t/seed<s>
-                                                     -> evaluate/o/t/seed<s> -> report
-    pretrain/o -> predict/o/backbone/seed0 -> evaluate/o/backbone/seed0 -> report
+    prepare/o -> pretrain/o -> finetune/o/t/seed<s> -> predict/o/t/seed<s> -> evaluate/o/t/seed<s>
+    pretrain/o -> predict/o/backbone/seed0 -> evaluate/o/backbone/seed0
+    every evaluate -> report
 
 Counts of the paper grid (4 organs, 5 methods, seeds 0..4, ablation M = 1..5
 on pancreas). The ablation's M = 3 run *is* the main grid's ``mob-b3-r16``
@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mobseg.core.config import METHOD_LABELS, METHOD_NAMES, HeadConfig, LossConfig, check_method
+from mobseg.core.config import METHOD_NAMES, HeadConfig, LossConfig, check_method
 from mobseg.data.structures import PAPER_ORGANS, resolve_organ
 from mobseg.errors import ConfigurationError
 from mobseg.manifest import StageRecord
@@ -47,7 +47,6 @@ from mobseg.stages.predict import BACKBONE_TAG
 
 #: Stages in the order they run.
 STAGES: tuple[str, ...] = ("prepare", "pretrain", "finetune", "predict", "evaluate", "report")
-
 
 #: Status of a job as the study sees it.
 JOB_STATUSES: tuple[str, ...] = ("done", "running", "failed", "pending")
@@ -230,9 +229,6 @@ class Job:
     @property
     def target(self) -> str:
         return self.runner or f"mobseg.stages.{self.stage}:run"
-
-    def describe(self) -> str:
-        return self.key
 
 
 @dataclass
@@ -640,13 +636,3 @@ def plan_from_records(records: Mapping[str, StageRecord]) -> Plan:
             else:
                 plan.add(Job(stage, key, None))
     return plan
-
-
-def tag_label(tag: str) -> str:
-    """Display name of a run tag: the paper's method label, or the tag itself."""
-    if tag == BACKBONE_TAG:
-        return "Deterministic (backbone)"
-    for method, label in METHOD_LABELS.items():
-        if tag == HeadConfig(method).tag():
-            return label
-    return tag

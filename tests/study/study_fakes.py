@@ -52,7 +52,8 @@ def wrap(plan: Plan) -> Plan:
 
 
 def control(root: Path, **behaviour: Any) -> None:
-    """Write ``control.json``: lists of keys under fail / interrupt / kill / kill_once / gpus."""
+    """Write ``control.json``: lists of keys under fail / interrupt / kill / kill_once /
+    fork_pool / gpus."""
     (Path(root) / "control.json").write_text(json.dumps(behaviour), encoding="utf-8")
 
 
@@ -83,6 +84,16 @@ def run(ws: Workspace, params: Wrapped, force: bool = False) -> None:
             with open(gpu_file, "a", encoding="utf-8") as fh:
                 fh.write(f"{params.key} {os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}\n")
             time.sleep(float(ctl.get("gpu_sleep", 0.5)))
+        if params.key in ctl.get("fork_pool", []):
+            # A fork Pool closed with terminate() while a worker is stuck (as a
+            # forked child can be on a lock another thread held at fork time):
+            # only SIGTERM ends that worker.
+            import multiprocessing
+
+            with multiprocessing.get_context("fork").Pool(1) as pool:
+                pool.map_async(time.sleep, [600])
+                time.sleep(0.5)
+            outputs["pool"] = "ended"
         if params.key in ctl.get("fail", []):
             raise InvalidInputError(f"fake failure of {params.key}")
         if params.key in ctl.get("interrupt", []):

@@ -175,6 +175,24 @@ def test_submitit_resubmits_a_job_that_died(tmp_path: Path) -> None:
     assert Manifest(ws.manifest_path).get(key2).status == "failed"
 
 
+def test_a_fork_pool_inside_a_submitit_job_ends(tmp_path: Path) -> None:
+    """submitit makes SIGTERM a no-op in jobs; a stuck forked pool worker must still end.
+
+    Without resetting SIGTERM the pool's terminate() waits forever for the
+    worker (the job then dies at its 1-minute limit and the test fails
+    instead of hanging).
+    """
+    ws = Workspace(tmp_path)
+    plan = Plan()
+    key = "prepare/a"
+    plan.add(Job("prepare", key, fakes.Wrapped("prepare", key, ()), runner=fakes.RUNNER))
+    fakes.control(tmp_path, fork_pool=[key])
+    opts = ex.ClusterOptions(time_min=1, poll_s=0.2, retries=0)
+    result = run_plan(ws, plan, ex.make_executor("submitit-local", tmp_path, options=opts))
+    assert result.ok, [o.error for o in result.failed]
+    assert Manifest(ws.manifest_path).get(key).outputs["pool"] == "ended"
+
+
 def test_slurm_needs_the_slurm_tools(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(ConfigurationError, match="srun and sbatch"):
