@@ -689,10 +689,11 @@ def _run_study(
                     out.print(f"  {job.key}  [dim]after {', '.join(job.deps) or '-'}[/]")
         return None
     runner = guarded(lambda: ex.make_executor(executor, ws.root, jobs, options, logs))
-    grid.save_spec(ws.root, spec)
     if state.verbosity:
         _render_plan(plan, records, title=f"Study in {ws.root}")
-    result = guarded(lambda: run_plan(ws, plan, runner))
+    result = guarded(
+        lambda: run_plan(ws, plan, runner, on_start=lambda: grid.save_spec(ws.root, spec))
+    )
     _render_result(result, command)
     return result
 

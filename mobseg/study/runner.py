@@ -89,6 +89,7 @@ def run_plan(
     plan: Plan,
     executor: Executor,
     on_outcome: Callable[[Job, Outcome], None] | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> StudyResult:
     """Run every job of ``plan`` that the manifest does not list as done.
 
@@ -97,6 +98,8 @@ def run_plan(
         plan: The jobs (:func:`mobseg.study.grid.expand`).
         executor: Where jobs run (:mod:`mobseg.study.executors`).
         on_outcome: Called in this process after each job ends.
+        on_start: Called once the study lock is held, before any job
+            (``mobseg study`` saves its spec there).
 
     Returns:
         What ran, failed, was skipped or left; ``result.ok`` when all is done.
@@ -115,6 +118,8 @@ def run_plan(
             "Wait for it to finish, or watch it with `mobseg status`.",
         ) from None
     try:
+        if on_start is not None:
+            on_start()
         return _run(ws, plan, executor, on_outcome)
     finally:
         lock.release()

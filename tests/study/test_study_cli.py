@@ -219,3 +219,16 @@ def test_help(name: str) -> None:
     assert "Usage" in result.output
     top = runner.invoke(app, ["--help"], env=WIDE)
     assert name in top.output
+
+
+def test_a_second_study_on_the_same_workdir_is_refused(tmp_path: Path) -> None:
+    from filelock import FileLock
+
+    (tmp_path / "study").mkdir()
+    first = grid.StudySpec(organs=("duodenum",), ablation_bases=())
+    grid.save_spec(tmp_path, first)
+    with FileLock(str(tmp_path / "study" / "study.lock")):
+        result = invoke(tmp_path, "study", "--organs", "pancreas", "--bases-ablation", "none")
+    assert result.exit_code == 1
+    assert "Another mobseg study is running" in result.output
+    assert grid.load_spec(tmp_path) == first  # the running study's grid is kept for status
