@@ -125,7 +125,11 @@ class BlockPartition:
     def _device_tensor(self, name: str, device: torch.device | str, build) -> Tensor:
         key = (name, str(torch.device(device)))
         if key not in self._cache:
-            self._cache[key] = build().to(device)
+            # Cached tensors outlive the call: never let them be inference
+            # tensors (a first call inside inference_mode, e.g. validation,
+            # would otherwise poison every later autograd use).
+            with torch.inference_mode(False):
+                self._cache[key] = build().to(device)
         return self._cache[key]
 
     def index(self, device: torch.device | str = "cpu") -> Tensor:
@@ -201,13 +205,19 @@ class BlockPartition:
         """One-hot piece membership along ``axis``, shape (L, P): E[l, i] = [l in piece i]."""
         key = ("indicator", axis, dtype, str(torch.device(device)))
         if key not in self._cache:
+            self._cache[key] = self._build_indicators(axis, dtype, device)
+        return self._cache[key]
+
+    def _build_indicators(
+        self, axis: int, dtype: torch.dtype, device: torch.device | str
+    ) -> Tensor:
+        with torch.inference_mode(False):
             e = self.edges(axis)
             pos = torch.arange(self.spatial_shape[axis])
             lo = torch.tensor(e[:-1])
             hi = torch.tensor(e[1:])
             ind = (pos[:, None] >= lo[None]) & (pos[:, None] < hi[None])
-            self._cache[key] = ind.to(dtype=dtype, device=device)
-        return self._cache[key]
+            return ind.to(dtype=dtype, device=device)
 
 
 @lru_cache(maxsize=128)

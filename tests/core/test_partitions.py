@@ -150,3 +150,22 @@ def test_block_matvec_in_small_chunks(shape, parts, monkeypatch) -> None:
             assert torch.autograd.gradcheck(
                 lambda g, x, s=square: block_matvec(g, x, part, s), (g, x), fast_mode=True
             )
+
+
+def test_partition_first_used_in_inference_mode_still_trains() -> None:
+    """Validation (inference_mode) may build the cache before training uses it."""
+    from mobseg.core.config import HeadConfig, LossConfig
+    from mobseg.core.losses import StochasticSegLoss
+    from mobseg.core.registry import build_head
+
+    torch.manual_seed(0)
+    shape = (5, 7, 6)  # a shape no other test caches first
+    head = build_head(HeadConfig("mob", bases=2, rank=2, partitions=3), in_channels=4)
+    feats = torch.randn(1, 4, *shape)
+    mu = torch.randn(1, 2, *shape, requires_grad=True)
+    with torch.inference_mode():
+        head(feats, mu.detach()).rsample(2)
+    target = (torch.rand(1, 1, *shape) > 0.5).long()
+    terms = StochasticSegLoss(LossConfig(samples=2))(head(feats, mu), target)
+    terms.total.backward()
+    assert mu.grad is not None and torch.isfinite(mu.grad).all()
