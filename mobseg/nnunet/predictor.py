@@ -120,7 +120,8 @@ def binary_marginal_moments(
         cov = dist.voxel_covariance().float()  # (B, *sp, 2, 2)
         var = (cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]).clamp_min(0)
         std = var.sqrt().unsqueeze(1)  # (B, 1, *sp)
-        loc = (mu[:, 1:2] - mu[:, 0:1]).float()
+        mu = mu.float()
+        loc = mu[:, 1:2] - mu[:, 0:1]
         s1 = torch.zeros_like(loc)
         s2 = torch.zeros_like(loc)
         sh = torch.zeros_like(loc)
