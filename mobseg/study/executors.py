@@ -255,9 +255,10 @@ class ProcessExecutor:
     Args:
         root: The workdir.
         jobs: Maximum number of concurrent workers.
-        gpus: GPU ids to share out (None = detect with :func:`visible_gpus`;
-            empty = no pinning). A job needing ``g`` GPUs waits until ``g``
-            are free (a job never gets more GPUs than exist).
+        gpus: GPU ids to share out (None = detect with :func:`visible_gpus`).
+            With two or more, each job is pinned to its own GPU(s) and a job
+            needing ``g`` waits until ``g`` are free (never more than exist).
+            With one or none there is no pinning: workers share what there is.
         log_dir: Folder of the workers' log files (``<key>.log``).
     """
 
@@ -270,7 +271,8 @@ class ProcessExecutor:
             raise ValueError(f"jobs must be >= 1, got {jobs}.")
         self.root = Path(root)
         self.jobs = jobs
-        self.gpus = list(visible_gpus() if gpus is None else gpus)
+        found = list(visible_gpus() if gpus is None else gpus)
+        self.gpus = found if len(found) >= 2 else []
         self.free = list(self.gpus)
         self.log_dir = Path(log_dir) if log_dir is not None else self.root / "study" / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)

@@ -336,3 +336,9 @@ def test_a_refused_slurm_submission_is_a_user_error(tmp_path: Path) -> None:
         run_plan(ws, plan, runner)
     assert Manifest(ws.manifest_path).get("prepare/a") is None
     assert not (tmp_path / "study" / "submitted.json").exists()
+
+
+def test_a_single_gpu_is_shared_not_pinned(tmp_path: Path) -> None:
+    pool = ex.ProcessExecutor(tmp_path, jobs=2, gpus=["0"])
+    assert pool.gpus == [] and pool._gpus_needed(Job("finetune", "k", None, gpus=1)) == 0
+    assert ex.ProcessExecutor(tmp_path, jobs=2, gpus=["3", "5"]).gpus == ["3", "5"]
