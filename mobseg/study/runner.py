@@ -183,9 +183,15 @@ def _run(
         todo,
         executor.name,
     )
+    # A done report is redone when one of its inputs runs: count it in the bar.
+    refreshed = sum(
+        1
+        for j in plan
+        if j.refresh and state[j.key] == "done" and any(state[d] == "todo" for d in j.deps)
+    )
     finished = 0
     try:
-        with progress.progress_bar("study", total=todo) as advance:
+        with progress.progress_bar("study", total=todo + refreshed) as advance:
             while True:
                 settle_skips()
                 candidates = [(j, force[j.key]) for j in plan if ready(j)]
