@@ -111,12 +111,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=8, help="measured rounds")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--methods", default=",".join(STOCHASTIC))
+    ap.add_argument("--skip-memory", action="store_true", help="time only")
     args = ap.parse_args()
     configs = _configs(args)
 
     ctx = mp.get_context("spawn")
-    memory = {}
-    for label, method, k in configs:
+    memory = {label: {"peak_mb": float("nan")} for label, _, _ in configs}
+    for label, method, k in [] if args.skip_memory else configs:
         queue = ctx.Queue()
         proc = ctx.Process(target=_memory_worker, args=(label, method, k, args, queue))
         proc.start()
