@@ -33,6 +33,7 @@ lint: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/ruff check mobseg tests benchmarks
+	$(BIN)/ruff format --check mobseg tests benchmarks
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)

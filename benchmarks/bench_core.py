@@ -29,9 +29,9 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import re
 import time
-from pathlib import Path
+
+from benchlib import memory_mb, reset_peak
 
 CONFIGS: list[tuple[str, dict]] = [
     ("deterministic", {"method": "deterministic"}),
@@ -46,22 +46,6 @@ CONFIGS: list[tuple[str, dict]] = [
     ("mob block", {"method": "mob", "noise": "block"}),
     ("mob factor sampler", {"method": "mob", "sampler": "factor"}),
 ]
-
-
-def _mem_mb() -> tuple[float, float]:
-    """(peak, current) resident memory of this process in MB."""
-    text = Path("/proc/self/status").read_text()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024
-    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024
-    return hwm, rss
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
 
 
 def _worker(label: str, kwargs: dict, args: argparse.Namespace, queue: mp.Queue) -> None:
@@ -138,15 +122,15 @@ def _worker(label: str, kwargs: dict, args: argparse.Namespace, queue: mp.Queue)
             t.grad = None
 
     step()  # warm-up (allocator, caches)
-    ok = _reset_peak()
-    _, base = _mem_mb()
+    ok = reset_peak()
+    _, base = memory_mb()
     wall, cpu = [], []
     for _ in range(args.repeats):
         t0, c0 = time.perf_counter(), time.process_time()
         step()
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
-    peak, _ = _mem_mb()
+    peak, _ = memory_mb()
     queue.put((label, min(wall), min(cpu), peak - base if ok else float("nan")))
 
 

@@ -31,28 +31,11 @@ from __future__ import annotations
 
 import argparse
 import multiprocessing as mp
-import re
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-
-def _mem_mb() -> tuple[float, float]:
-    """(peak, current) resident memory of this process in MB."""
-    text = Path("/proc/self/status").read_text()
-    hwm = int(re.search(r"VmHWM:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
-    rss = int(re.search(r"VmRSS:\s+(\d+)", text).group(1)) / 1024  # type: ignore[union-attr]
-    return hwm, rss
-
-
-def _reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
+from benchlib import memory_mb, reset_peak
 
 
 def make_case(shape: tuple[int, int, int], seed: int = 0) -> dict[str, np.ndarray]:
@@ -143,15 +126,15 @@ def _worker(label: str, shape: tuple[int, int, int], repeats: int, queue: Any) -
     case = make_case(shape)
     times, peaks, values = [], [], {}
     for _ in range(repeats):
-        resettable = _reset_peak()
-        _, base = _mem_mb()
+        resettable = reset_peak()
+        _, base = memory_mb()
         t0 = time.perf_counter()
         if label == "reference":
             values = reference_metrics(case["prob"], case["gt"])
         else:
             values = mobseg_metrics(case)
         times.append(time.perf_counter() - t0)
-        peak, _ = _mem_mb()
+        peak, _ = memory_mb()
         peaks.append(peak - base if resettable else float("nan"))
     if label == "reference":  # untimed: torchmetrics again on float64 probabilities
         values["ece_float64"] = reference_ece64(case["prob"], case["gt"])

@@ -86,7 +86,9 @@ def _setup(method: str, k: int, args: argparse.Namespace):
 
 
 def _memory_worker(label: str, method: str, k: int, args: argparse.Namespace, queue) -> None:
-    from mobseg.nnunet.synthetic import nnunet_sandbox, peak_mb, reset_peak
+    from benchlib import peak_mb, reset_peak
+
+    from mobseg.nnunet.synthetic import nnunet_sandbox
 
     nnunet_sandbox()
     import torch

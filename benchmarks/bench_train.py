@@ -63,7 +63,9 @@ def _trainer(method: str, args: argparse.Namespace, root) -> tuple:
 
 def _memory_worker(method: str, args: argparse.Namespace, queue: mp.Queue) -> None:
     """Peak resident memory of one step of ``method``, in a process of its own."""
-    from mobseg.nnunet.synthetic import nnunet_sandbox, peak_mb, reset_peak
+    from benchlib import peak_mb, reset_peak
+
+    from mobseg.nnunet.synthetic import nnunet_sandbox
 
     root = nnunet_sandbox()
     import torch

@@ -8,7 +8,6 @@ Monte-Carlo predictor can be checked against brute force.
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import threading
@@ -18,27 +17,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from mobseg.nnunet.synthetic import managers as synthetic_managers
+from mobseg.nnunet.synthetic import plans_dict
 from mobseg.workspace import Workspace
 
-MICRO_ARCH = {
-    "network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet",
-    "arch_kwargs": {
-        "n_stages": 3,
-        "features_per_stage": [4, 8, 16],
-        "conv_op": "torch.nn.modules.conv.Conv3d",
-        "kernel_sizes": [[3, 3, 3]] * 3,
-        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-        "n_conv_per_stage": [1, 1, 1],
-        "n_conv_per_stage_decoder": [1, 1],
-        "conv_bias": True,
-        "norm_op": "torch.nn.modules.instancenorm.InstanceNorm3d",
-        "norm_op_kwargs": {"eps": 1e-05, "affine": True},
-        "dropout_op": None,
-        "dropout_op_kwargs": None,
-        "nonlin": "torch.nn.LeakyReLU",
-        "nonlin_kwargs": {"inplace": True},
-    },
-    "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"],
+#: Foreground intensity statistics of the micro plans (CT-like).
+MICRO_INTENSITY = {
+    "max": 1500.0,
+    "mean": 40.0,
+    "median": 40.0,
+    "min": -1000.0,
+    "percentile_00_5": -1000.0,
+    "percentile_99_5": 1200.0,
+    "std": 300.0,
 }
 
 
@@ -47,66 +38,20 @@ def micro_plans(
     transpose_forward: tuple[int, int, int] = (0, 1, 2),
     patch: tuple[int, int, int] = (16, 16, 16),
 ) -> dict[str, Any]:
-    """An nnU-Net plans dict for a micro 3d_fullres configuration (CT normalisation)."""
-    tf = list(transpose_forward)
-    tb = [tf.index(i) for i in range(3)]
-    return {
-        "dataset_name": "Dataset990_micro",
-        "plans_name": "microPlans",
-        "original_median_spacing_after_transp": list(spacing),
-        "original_median_shape_after_transp": [32, 32, 32],
-        "image_reader_writer": "SimpleITKIO",
-        "transpose_forward": tf,
-        "transpose_backward": tb,
-        "configurations": {
-            "3d_fullres": {
-                "data_identifier": "microPlans_3d_fullres",
-                "preprocessor_name": "DefaultPreprocessor",
-                "batch_size": 2,
-                "patch_size": list(patch),
-                "median_image_size_in_voxels": [32.0, 32.0, 32.0],
-                "spacing": list(spacing),
-                "normalization_schemes": ["CTNormalization"],
-                "use_mask_for_norm": [False],
-                "resampling_fn_data": "resample_data_or_seg_to_shape",
-                "resampling_fn_seg": "resample_data_or_seg_to_shape",
-                "resampling_fn_data_kwargs": {
-                    "is_seg": False,
-                    "order": 3,
-                    "order_z": 0,
-                    "force_separate_z": None,
-                },
-                "resampling_fn_seg_kwargs": {
-                    "is_seg": True,
-                    "order": 1,
-                    "order_z": 0,
-                    "force_separate_z": None,
-                },
-                "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
-                "resampling_fn_probabilities_kwargs": {
-                    "is_seg": False,
-                    "order": 1,
-                    "order_z": 0,
-                    "force_separate_z": None,
-                },
-                "architecture": copy.deepcopy(MICRO_ARCH),
-                "batch_dice": False,
-            }
-        },
-        "experiment_planner_used": "ExperimentPlanner",
-        "label_manager": "LabelManager",
-        "foreground_intensity_properties_per_channel": {
-            "0": {
-                "max": 1500.0,
-                "mean": 40.0,
-                "median": 40.0,
-                "min": -1000.0,
-                "percentile_00_5": -1000.0,
-                "percentile_99_5": 1200.0,
-                "std": 300.0,
-            }
-        },
-    }
+    """An nnU-Net plans dict for a micro 3d_fullres configuration: a 3-stage plain
+    U-Net with (4, 8, 16) features, one convolution per stage, batch 2."""
+    return plans_dict(
+        (4, 8, 16),
+        patch,
+        batch_size=2,
+        spacing=spacing,
+        transpose_forward=transpose_forward,
+        convs_per_stage=1,
+        median_shape=32,
+        name="Dataset990_micro",
+        plans_name="microPlans",
+        intensity=MICRO_INTENSITY,
+    )
 
 
 DATASET_JSON = {
@@ -118,11 +63,9 @@ DATASET_JSON = {
 
 
 def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:
-    """nnU-Net's PlansManager and the 3d_fullres ConfigurationManager of ``plans``."""
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
-    pm = PlansManager(copy.deepcopy(plans or micro_plans()))
-    return pm, pm.get_configuration("3d_fullres")
+    """nnU-Net's PlansManager and the 3d_fullres ConfigurationManager of ``plans``
+    (default: :func:`micro_plans`)."""
+    return synthetic_managers(plans or micro_plans())
 
 
 # -- stub distributions and networks -------------------------------------------------

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import numpy as np
 import pytest
+import report_fakes as fakes
 import SimpleITK as sitk
 from typer.testing import CliRunner
 
@@ -24,18 +23,6 @@ from mobseg.stages.evaluate import EvaluateParams, run
 from mobseg.workspace import Workspace
 
 runner = CliRunner()
-
-
-def _fakes() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "report" / "report_fakes.py"
-    spec = importlib.util.spec_from_file_location("report_fakes", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fakes = _fakes()
 
 
 @pytest.fixture

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nnunet"))
-from nnunet_testlib import pretrained_micro_workspace  # noqa: E402
+from nnunet_testlib import pretrained_micro_workspace
 
 from mobseg.core.config import HeadConfig, LossConfig  # noqa: E402
 from mobseg.errors import ConfigurationError, MissingStageError  # noqa: E402

@@ -4,13 +4,10 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "nnunet"))
-from nnunet_testlib import pretrained_micro_workspace  # noqa: E402
+from nnunet_testlib import pretrained_micro_workspace
 
 from mobseg.errors import ConfigurationError, MissingStageError, UnknownNameError  # noqa: E402
 from mobseg.manifest import Manifest  # noqa: E402

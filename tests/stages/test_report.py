@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+import report_fakes as fakes
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -20,18 +19,6 @@ from mobseg.stages.report import ReportParams, run
 from mobseg.workspace import Workspace
 
 runner = CliRunner()
-
-
-def _fakes() -> ModuleType:
-    path = Path(__file__).resolve().parents[1] / "report" / "report_fakes.py"
-    spec = importlib.util.spec_from_file_location("report_fakes", path)
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fakes = _fakes()
 
 
 @pytest.fixture(scope="module")
