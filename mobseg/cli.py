@@ -312,6 +312,13 @@ def predict(
     ] = None,
     samples: Annotated[int, typer.Option(help="k, samples of the logits per tile.")] = 30,
     tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    save_samples: Annotated[
+        int,
+        typer.Option(
+            help="S joint samples written per case as <case>_sample<k>.nii.gz label maps, "
+            "for GED and sample diversity in evaluate (0 = none).",
+        ),
+    ] = 0,
     out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
@@ -338,6 +345,7 @@ def predict(
             tta=tta,
             out=out_dir,
             device=device,
+            save_samples=save_samples,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -527,6 +535,10 @@ def study(
     ] = None,
     train_samples: Annotated[int, typer.Option(help="k, logit samples per training step.")] = 5,
     samples: Annotated[int, typer.Option(help="k, logit samples per tile at prediction.")] = 30,
+    save_samples: Annotated[
+        int,
+        typer.Option(help="S sample masks written per test case, for GED (0 = none)."),
+    ] = 8,
     rank: RankOpt = 16,
     bases: BasesOpt = 3,
     partitions: PartOpt = 4,
@@ -639,6 +651,7 @@ def study(
             iterations=iterations,
             train_samples=train_samples,
             samples=samples,
+            save_samples=save_samples,
             rank=rank,
             bases=bases,
             partitions=partitions,

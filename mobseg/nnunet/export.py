@@ -26,6 +26,11 @@ For a point-mass model (``deterministic``, the backbone) Var and MI are 0 by
 definition: the spread between overlapping tiles of one deterministic
 network is not sampling variance.
 
+Sample label maps (``<case>_sample<k>.nii.gz``, uint8, k = 0..S-1) go through
+the same three steps with nnU-Net's segmentation resampling (each label
+resampled as a mask, order 1, threshold 0.5); outside the crop they are
+background.
+
 Files are written atomically on the grid (size, spacing, origin, direction)
 of the input CT, read from the input file's header.
 """
@@ -45,9 +50,44 @@ from mobseg.data.nifti import Geometry, atomic_path, write_array
 OUTPUT_SUFFIXES: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
 
 
-def output_paths(out_dir: Path, case: str) -> dict[str, Path]:
-    """``{suffix: <out_dir>/<case>_<suffix>.nii.gz}`` for every output."""
-    return {s: out_dir / f"{case}_{s}.nii.gz" for s in OUTPUT_SUFFIXES}
+def output_paths(out_dir: Path, case: str, samples: int = 0) -> dict[str, Path]:
+    """``{suffix: <out_dir>/<case>_<suffix>.nii.gz}`` for every output.
+
+    Args:
+        out_dir: Output folder.
+        case: Case id.
+        samples: S sample label maps, named ``sample0`` .. ``sample<S-1>``.
+    """
+    suffixes = (*OUTPUT_SUFFIXES, *(f"sample{i}" for i in range(samples)))
+    return {s: out_dir / f"{case}_{s}.nii.gz" for s in suffixes}
+
+
+def _restore_geometry_args(
+    properties: dict[str, Any], plans_manager: Any, configuration_manager: Any
+) -> tuple[list[int], list[float], list[float]]:
+    """Shape after cropping, the preprocessed spacing and the cropped spacing (transposed)."""
+    tf = plans_manager.transpose_forward
+    spacing_t = [properties["spacing"][i] for i in tf]
+    shape_crop = list(properties["shape_after_cropping_and_before_resampling"])
+    current = (
+        configuration_manager.spacing
+        if len(configuration_manager.spacing) == len(shape_crop)
+        else [spacing_t[0], *configuration_manager.spacing]
+    )
+    return shape_crop, list(current), spacing_t
+
+
+def _uncrop_untranspose(
+    cropped: np.ndarray, properties: dict[str, Any], plans_manager: Any, fill: np.ndarray
+) -> np.ndarray:
+    """Put (K, *crop) into the full volume (``fill`` per channel outside) and transpose back."""
+    full = np.empty((cropped.shape[0], *properties["shape_before_cropping"]), dtype=cropped.dtype)
+    full[...] = fill.reshape((-1,) + (1,) * (full.ndim - 1))
+    bbox = properties["bbox_used_for_cropping"]
+    region = (slice(None), *[slice(int(lo), int(hi)) for lo, hi in bbox])
+    full[region] = cropped
+    back = [0] + [i + 1 for i in plans_manager.transpose_backward]
+    return np.ascontiguousarray(full.transpose(back))
 
 
 def read_geometry(path: str | Path) -> Geometry:
@@ -89,25 +129,49 @@ def moments_to_original_grid(
         raise ValueError(
             f"moments must have shape (2C+1, x, y, z) with C = {num_classes}, got {m.shape}"
         )
-    tf = plans_manager.transpose_forward
-    spacing_t = [properties["spacing"][i] for i in tf]
-    shape_crop = properties["shape_after_cropping_and_before_resampling"]
-    current = (
-        configuration_manager.spacing
-        if len(configuration_manager.spacing) == len(shape_crop)
-        else [spacing_t[0], *configuration_manager.spacing]
+    shape_crop, current, spacing_t = _restore_geometry_args(
+        properties, plans_manager, configuration_manager
     )
     if tuple(m.shape[1:]) != tuple(shape_crop):
         m = configuration_manager.resampling_fn_probabilities(m, shape_crop, current, spacing_t)
         m = np.asarray(m, dtype=np.float32)
-    full = np.zeros((m.shape[0], *properties["shape_before_cropping"]), dtype=np.float32)
-    full[0] = 1.0  # E[p_background] outside the crop
-    full[num_classes] = 1.0  # E[p_background^2]
-    bbox = properties["bbox_used_for_cropping"]
-    region = (slice(None), *[slice(int(lo), int(hi)) for lo, hi in bbox])
-    full[region] = m
-    back = [0] + [i + 1 for i in plans_manager.transpose_backward]
-    return np.ascontiguousarray(full.transpose(back))
+    fill = np.zeros(m.shape[0], dtype=np.float32)
+    fill[0] = 1.0  # E[p_background] outside the crop
+    fill[num_classes] = 1.0  # E[p_background^2]
+    return _uncrop_untranspose(m, properties, plans_manager, fill)
+
+
+def labels_to_original_grid(
+    labels: torch.Tensor | np.ndarray,
+    properties: dict[str, Any],
+    plans_manager: Any,
+    configuration_manager: Any,
+) -> np.ndarray:
+    """Undo resampling, cropping and transpose on label maps (sample masks).
+
+    Args:
+        labels: (S, *preprocessed_shape) integer labels.
+        properties: nnU-Net's case properties from preprocessing.
+        plans_manager: nnU-Net's PlansManager.
+        configuration_manager: nnU-Net's ConfigurationManager.
+
+    Returns:
+        (S, *original_shape) uint8 in the image file's array order.
+    """
+    lab = labels.detach().cpu().numpy() if isinstance(labels, torch.Tensor) else labels
+    lab = np.asarray(lab)
+    if lab.ndim != 4:
+        raise ValueError(f"labels must have shape (S, x, y, z), got {lab.shape}")
+    shape_crop, current, spacing_t = _restore_geometry_args(
+        properties, plans_manager, configuration_manager
+    )
+    out = np.empty((lab.shape[0], *shape_crop), dtype=np.uint8)
+    for i in range(lab.shape[0]):  # one sample at a time
+        one = lab[i : i + 1]
+        if tuple(one.shape[1:]) != tuple(shape_crop):
+            one = configuration_manager.resampling_fn_seg(one, shape_crop, current, spacing_t)
+        out[i] = np.asarray(one)[0].astype(np.uint8)
+    return _uncrop_untranspose(out, properties, plans_manager, np.zeros(len(out), np.uint8))
 
 
 def derive_maps(moments: np.ndarray, num_classes: int, point_mass: bool) -> dict[str, np.ndarray]:
@@ -184,6 +248,7 @@ def export_moments(
     reference: str | Path,
     out_dir: Path,
     case: str,
+    samples: torch.Tensor | np.ndarray | None = None,
 ) -> dict[str, Path]:
     """Resample, uncrop, untranspose, derive the maps and write them for one case.
 
@@ -197,6 +262,8 @@ def export_moments(
         reference: The input CT; the outputs get its exact grid.
         out_dir: Output folder.
         case: Case identifier (file prefix).
+        samples: (S, *preprocessed_shape) sample label maps, written as
+            ``<case>_sample<k>.nii.gz`` before the segmentation; None = none.
 
     Returns:
         The written files by suffix.
@@ -214,4 +281,15 @@ def export_moments(
             f"{tuple(reversed(geo.size))} (z, y, x)"
         )
     maps = derive_maps(full, num_classes, point_mass)
-    return write_case(maps, geo, out_dir, case)
+    written: dict[str, Path] = {}
+    if samples is not None and len(samples):
+        restored = labels_to_original_grid(
+            samples, properties, plans_manager, configuration_manager
+        )
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for i, lab in enumerate(restored):
+            path = out_dir / f"{case}_sample{i}.nii.gz"
+            write_array(lab, geo, path, dtype=np.uint8)
+            written[f"sample{i}"] = path
+    # the segmentation is written last (write_case), so it marks a complete case
+    return {**written, **write_case(maps, geo, out_dir, case)}

@@ -26,6 +26,16 @@ what is stitched:
 Memory: the accumulators hold (2C+1) float32 values per voxel plus one weight
 map, whatever k is.
 
+Sample masks (``save_samples`` = S > 0, for GED and sample diversity): per
+tile, S joint samples of the logits from the same forward pass (the first,
+unmirrored pass), each turned into a label map by argmax. Labels cannot be
+averaged, so overlapping tiles are not blended: each voxel takes its labels
+from the tile whose Gaussian weight is largest there (the tile whose centre
+is nearest). Every voxel's label is then an exact draw from that tile's
+predictive distribution, and the spatial correlation of the covariance model
+holds inside each tile; across the seams between tiles the S samples are
+independent. This costs S bytes per voxel plus one float32 map.
+
 A point-mass distribution (the ``deterministic`` method and the pretrained
 backbone) is sampled once (k = 1): its samples are all equal.
 """
@@ -161,6 +171,8 @@ class MCPredictor(nnUNetPredictor):
         tile_step_size: Sliding-window step as a fraction of the patch.
         use_mirroring: Mirroring test-time augmentation.
         device: Torch device.
+        save_samples: S, joint samples kept as label maps (see the module
+            docstring); 0 = none. A point-mass model keeps none.
     """
 
     def __init__(
@@ -170,6 +182,7 @@ class MCPredictor(nnUNetPredictor):
         tile_step_size: float = 0.5,
         use_mirroring: bool = False,
         device: torch.device | str = "cpu",
+        save_samples: int = 0,
     ) -> None:
         device = torch.device(device)
         with quiet():
@@ -189,7 +202,13 @@ class MCPredictor(nnUNetPredictor):
         if chunk is not None and chunk < 1:
             raise ValueError(f"chunk must be >= 1, got {chunk}")
         self.chunk = chunk
+        if save_samples < 0:
+            raise ValueError(f"save_samples must be >= 0, got {save_samples}")
+        self.save_samples = save_samples
         self.point_mass = False
+        #: (S, *shape) uint8 label maps of the last :meth:`predict_moments` call, or None.
+        self.last_samples: torch.Tensor | None = None
+        self._tile_labels: torch.Tensor | None = None
 
     def setup(
         self,
@@ -226,6 +245,11 @@ class MCPredictor(nnUNetPredictor):
     def num_moment_channels(self) -> int:
         return 2 * self.label_manager.num_segmentation_heads + 1
 
+    @property
+    def num_saved_samples(self) -> int:
+        """S actually kept: 0 for a point-mass model."""
+        return 0 if self.point_mass else self.save_samples
+
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
         k = 1 if self.point_mass else self.samples
@@ -240,6 +264,8 @@ class MCPredictor(nnUNetPredictor):
             xin = torch.flip(x, axes) if axes else x
             _, dist = self.network(xin, stochastic=True)
             mom = tile_moments(dist, k, self.chunk_for(xin, k))
+            if not axes and self.num_saved_samples:
+                self._tile_labels = sample_labels(dist, self.num_saved_samples)
             if axes:
                 mom = torch.flip(mom, axes)
             total = mom if total is None else total + mom
@@ -257,6 +283,13 @@ class MCPredictor(nnUNetPredictor):
             (self.num_moment_channels, *shape), dtype=torch.float32, device=results_device
         )
         weight = torch.zeros(shape, dtype=torch.float32, device=results_device)
+        n_keep = self.num_saved_samples
+        labels = (
+            torch.zeros((n_keep, *shape), dtype=torch.uint8, device=results_device)
+            if n_keep
+            else None
+        )
+        best = torch.zeros(shape, dtype=torch.float32, device=results_device) if n_keep else None
         gaussian = compute_gaussian(
             tuple(self.configuration_manager.patch_size),
             sigma_scale=1.0 / 8,
@@ -268,9 +301,15 @@ class MCPredictor(nnUNetPredictor):
             mom = self._internal_maybe_mirror_and_predict(tile.to(self.device))[0]
             acc[sl] += mom.to(results_device) * gaussian
             weight[sl[1:]] += gaussian
+            if labels is not None and best is not None and self._tile_labels is not None:
+                # nearest tile centre wins: the largest Gaussian weight so far
+                nearer = gaussian > best[sl[1:]]
+                labels[sl] = torch.where(nearer, self._tile_labels.to(results_device), labels[sl])
+                best[sl[1:]] = torch.maximum(best[sl[1:]], gaussian)
         acc /= weight
         if not torch.isfinite(acc).all():
             raise RuntimeError("non-finite values in the stitched moments")
+        self.last_samples = labels
         return acc
 
     def predict_moments(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -281,12 +320,59 @@ class MCPredictor(nnUNetPredictor):
                 preprocessor returns it.
 
         Returns:
-            (2C+1, *spatial) float32 on the CPU: E[p], E[p^2], E[H(p)].
+            (2C+1, *spatial) float32 on the CPU: E[p], E[p^2], E[H(p)]. With
+            ``save_samples`` the S label maps are in :attr:`last_samples`,
+            (S, *spatial) uint8 on the CPU.
         """
         tensor = (
             torch.from_numpy(np.ascontiguousarray(data)) if isinstance(data, np.ndarray) else data
         )
         self.network.eval()
+        self.last_samples = None
         with quiet():
             out = self.predict_sliding_window_return_logits(tensor.float())
+        if self.last_samples is not None:
+            self.last_samples = unpad(self.last_samples, tuple(out.shape[1:])).cpu()
         return out.float().cpu()
+
+
+@torch.no_grad()
+def sample_labels(dist: Any, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """``n`` joint samples of a tile's logits as label maps (argmax over classes).
+
+    Args:
+        dist: A logit distribution of :mod:`mobseg.core` over (1, C, *spatial).
+        n: Samples.
+        generator: Optional random generator.
+
+    Returns:
+        (n, *spatial) uint8 labels.
+    """
+    out: torch.Tensor | None = None
+    for i in range(n):  # one sample at a time: the memory of one tile of logits
+        eta = dist.rsample(1, generator=generator)[0]  # (B, C, *spatial)
+        if eta.shape[0] != 1:
+            raise ValueError(f"sample_labels needs a batch of one tile, got {tuple(eta.shape)}")
+        if out is None:
+            out = torch.empty((n, *eta.shape[2:]), dtype=torch.uint8, device=eta.device)
+        out[i] = eta[0].argmax(0).to(torch.uint8)
+    if out is None:
+        raise ValueError(f"sample_labels needs n >= 1, got {n}")
+    return out
+
+
+def unpad(labels: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Undo nnU-Net's padding of an image smaller than the patch.
+
+    ``acvl_utils.pad_nd_image`` pads each axis by ``d // 2`` below and
+    ``d - d // 2`` above, where d is the missing length.
+
+    Args:
+        labels: (S, *padded_shape).
+        shape: The unpadded spatial shape.
+    """
+    padded = tuple(labels.shape[1:])
+    if len(padded) != len(shape) or any(p < s for p, s in zip(padded, shape, strict=False)):
+        raise ValueError(f"cannot unpad shape {padded} to {shape}")
+    starts = [(p - s) // 2 for p, s in zip(padded, shape, strict=True)]
+    return labels[(slice(None), *[slice(a, a + s) for a, s in zip(starts, shape, strict=True)])]

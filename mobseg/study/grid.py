@@ -97,6 +97,8 @@ class StudySpec:
         bases: M of the main grid's mob runs.
         partitions: P, blocks per axis (mob).
         samples: k, samples of the logits per tile at prediction.
+        save_samples: S joint samples written per test case (GED and sample
+            diversity where several reference masks exist, e.g. the phantom).
         extra_predictions: Predictions on CTs outside the test split (demo).
     """
 
@@ -123,6 +125,7 @@ class StudySpec:
     bases: int = 3
     partitions: int = 4
     samples: int = 30
+    save_samples: int = 8
     extra_predictions: tuple[ExtraPrediction, ...] = ()
 
     def __post_init__(self) -> None:
@@ -134,6 +137,8 @@ class StudySpec:
             raise ConfigurationError("The study needs at least one method (--methods).")
         if self.seeds < 1:
             raise ConfigurationError(f"--seeds must be >= 1, got {self.seeds}.")
+        if self.save_samples < 0:
+            raise ConfigurationError(f"--save-samples must be >= 0, got {self.save_samples}.")
         if any(b < 1 for b in self.ablation_bases):
             raise ConfigurationError(
                 f"Every M of --bases-ablation must be >= 1, got {list(self.ablation_bases)}."
@@ -450,6 +455,8 @@ def _predict_params(
         "out": out,
         "samples": spec.samples,
         "device": spec.device,
+        # sample masks serve the test set's evaluation, not extra predictions
+        "save_samples": spec.save_samples if input is None else 0,
     }
     if head is None:
         kwargs["backbone"] = True

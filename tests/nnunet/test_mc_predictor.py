@@ -198,3 +198,110 @@ def test_automatic_chunk_fits_the_memory_budget(monkeypatch: pytest.MonkeyPatch)
     assert pred.chunk_for(tile, 30) == 1
     fixed = _predictor(StubNet(30), 30, chunk=7)
     assert fixed.chunk_for(tile, 30) == 7
+
+
+# -- sample masks ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("shape", "patch"), [((10, 16, 7), (16, 16, 16)), ((5, 9, 16), (8, 12, 16))]
+)
+def test_unpad_inverts_nnunet_padding(shape: tuple, patch: tuple) -> None:
+    from acvl_utils.cropping_and_padding.padding import pad_nd_image
+
+    from mobseg.nnunet.predictor import unpad
+
+    image = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(1, *shape) + 1
+    padded, slicer = pad_nd_image(image, patch, "constant", {"value": 0}, True, None)
+    got = unpad(padded, shape)
+    torch.testing.assert_close(got, padded[(slice(None), *slicer[1:])])
+    torch.testing.assert_close(got, image)
+    with pytest.raises(ValueError, match="cannot unpad"):
+        unpad(image, tuple(s + 1 for s in shape))
+
+
+def test_sample_labels_follow_the_probit_of_the_logit_difference() -> None:
+    """P(label 1) = Phi((mu1 - mu0) / sqrt(v0 + v1)) for independent Gaussian logits."""
+    from scipy.stats import norm
+
+    from mobseg.core.distributions import DiagonalLogits
+    from mobseg.nnunet.predictor import sample_labels
+
+    g = torch.Generator().manual_seed(0)
+    mu = torch.tensor([0.0, -1.0, 0.0, 0.5, 2.0, 0.3]).reshape(1, 2, 1, 1, 3)
+    var = torch.tensor([1.0, 0.5, 2.0, 0.25, 1.0, 3.0]).reshape(1, 2, 1, 1, 3)
+    n = 4000
+    labels = sample_labels(DiagonalLogits(mu, var), n, generator=g)
+    assert labels.shape == (n, 1, 1, 3) and labels.dtype == torch.uint8
+    freq = labels.double().mean(0).flatten().numpy()
+    d = (mu[0, 1] - mu[0, 0]).flatten().numpy()
+    s = (var[0, 0] + var[0, 1]).sqrt().flatten().numpy()
+    expected = norm.cdf(d / s)
+    se = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) < 4 * se + 1e-9), (freq, expected)
+
+
+class _TileIdNet(StubNet):
+    """Every sample of tile j says label j % 2 (tiles are recognised by their first voxel)."""
+
+    def __init__(self, first_voxel_to_tile: dict[float, int]) -> None:
+        super().__init__(2)
+        self.tiles = first_voxel_to_tile
+
+    def forward(self, x: torch.Tensor, stochastic: bool = False):
+        from nnunet_testlib import StubDist
+
+        self.calls += 1
+        j = self.tiles[float(x[0, 0, 0, 0, 0])]
+        sign = 1.0 if j % 2 else -1.0
+        mu = torch.cat([torch.zeros_like(x), torch.full_like(x, 5.0 * sign)], dim=1)
+        return mu, StubDist(mu, torch.stack([mu, mu]), self.chunks)
+
+
+def test_saved_samples_come_from_the_tile_with_the_largest_weight() -> None:
+    shape = (24, 20, 33)
+    image = torch.arange(int(np.prod(shape)), dtype=torch.float32).reshape(1, *shape)
+    pm, cm = managers(micro_plans(patch=(16, 16, 16)))
+    probe = MCPredictor(samples=2, tile_step_size=0.5, device="cpu", save_samples=3)
+    probe.setup(StubNet(2), pm, cm, DATASET_JSON, (0, 1, 2), point_mass=False)
+    slicers = probe._internal_get_sliding_window_slicers(shape)
+    tiles = {float(image[sl][0, 0, 0, 0]): j for j, sl in enumerate(slicers)}
+    assert len(tiles) == len(slicers) > 8
+    # oracle: per voxel, the first tile (in nnU-Net's order) of largest Gaussian weight
+    g = _gaussian((16, 16, 16)).numpy()
+    weights = np.zeros((len(slicers), *shape), np.float32)
+    for j, sl in enumerate(slicers):
+        weights[(j, *sl[1:])] = g
+    expected = (np.argmax(weights, axis=0) % 2).astype(np.uint8)
+
+    pred = MCPredictor(samples=2, tile_step_size=0.5, device="cpu", save_samples=3)
+    pred.setup(_TileIdNet(tiles), pm, cm, DATASET_JSON, (0, 1, 2), point_mass=False)
+    pred.predict_moments(image.numpy())
+    got = pred.last_samples
+    assert got is not None and got.shape == (3, *shape) and got.dtype == torch.uint8
+    for i in range(3):
+        np.testing.assert_array_equal(got[i].numpy(), expected)
+
+
+def test_point_mass_keeps_no_samples_and_small_images_are_unpadded() -> None:
+    torch.manual_seed(5)
+    image = torch.randn(1, 10, 16, 7) * 3
+    pm, cm = managers(micro_plans(patch=(16, 16, 16)))
+    det = MCPredictor(samples=3, device="cpu", save_samples=4)
+    det.setup(StubNet(3, point_mass=True), pm, cm, DATASET_JSON, (0, 1, 2), point_mass=True)
+    det.predict_moments(image.numpy())
+    assert det.num_saved_samples == 0 and det.last_samples is None
+
+    sto = MCPredictor(samples=3, device="cpu", save_samples=4)
+    sto.setup(StubNet(3), pm, cm, DATASET_JSON, (0, 1, 2), point_mass=False)
+    sto.predict_moments(image.numpy())
+    assert sto.last_samples is not None and sto.last_samples.shape == (4, 10, 16, 7)
+    # the stub's samples cycle: saved sample i of the single tile is stub sample i % 3
+    padded = torch.zeros(1, 16, 16, 16)
+    padded[:, 3:13, :, 4:11] = image
+    _, samples = stub_logits(padded[None], 3)
+    for i in range(4):
+        ref = samples[i % 3, 0].argmax(0)[3:13, :, 4:11].to(torch.uint8)
+        torch.testing.assert_close(sto.last_samples[i], ref)
+    with pytest.raises(ValueError, match="save_samples"):
+        MCPredictor(save_samples=-1)

@@ -72,6 +72,58 @@ def test_uncrop_and_untranspose_on_synthetic_properties() -> None:
         moments_to_original_grid(crop[:4], props, pm, cm, 2)
 
 
+def test_sample_labels_go_back_like_the_moments() -> None:
+    """Same crop and transpose as the moments; background outside the crop."""
+    from mobseg.nnunet.export import labels_to_original_grid
+
+    pm, cm = managers(micro_plans(transpose_forward=(2, 0, 1)))
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(3, 8, 4, 5)).astype(np.uint8)
+    props = {
+        "spacing": [3.0, 3.0, 3.0],
+        "shape_before_cropping": (8, 6, 7),
+        "bbox_used_for_cropping": [[0, 8], [1, 5], [2, 7]],
+        "shape_after_cropping_and_before_resampling": (8, 4, 5),
+    }
+    full = labels_to_original_grid(labels, props, pm, cm)
+    assert full.shape == (3, 6, 7, 8) and full.dtype == np.uint8
+    moments = np.zeros((5, 8, 4, 5), np.float32)
+    for i in range(3):
+        moments[1] = labels[i]
+        ref = moments_to_original_grid(moments, props, pm, cm, 2)[1]
+        np.testing.assert_array_equal(full[i], ref.astype(np.uint8))
+    assert full[:, 0].sum() == 0 and full[:, :, :2].sum() == 0
+    with pytest.raises(ValueError, match="labels must have shape"):
+        labels_to_original_grid(labels[0], props, pm, cm)
+
+
+def test_resampled_sample_labels_agree_with_nnunet_segmentation_resampling() -> None:
+    """A coarser preprocessed grid: labels are upsampled with nnU-Net's own seg resampling."""
+    from nnunetv2.preprocessing.resampling.default_resampling import (
+        resample_data_or_seg_to_shape,
+    )
+
+    from mobseg.nnunet.export import labels_to_original_grid
+
+    pm, cm = managers(micro_plans(spacing=(2.0, 2.0, 2.0)))
+    g = np.stack(np.meshgrid(*[np.arange(6)] * 3, indexing="ij"))
+    ball = (((g - 2.5) ** 2).sum(0) < 5).astype(np.uint8)
+    props = {
+        "spacing": [1.0, 1.0, 1.0],
+        "shape_before_cropping": (12, 12, 12),
+        "bbox_used_for_cropping": [[0, 12], [0, 12], [0, 12]],
+        "shape_after_cropping_and_before_resampling": (12, 12, 12),
+    }
+    full = labels_to_original_grid(ball[None], props, pm, cm)
+    ref = resample_data_or_seg_to_shape(
+        ball[None], (12, 12, 12), (2.0, 2.0, 2.0), (1.0, 1.0, 1.0), is_seg=True, order=1
+    )
+    np.testing.assert_array_equal(full[0], np.asarray(ref)[0].astype(np.uint8))
+    assert 0 < full.sum() < full.size and abs(int(full.sum()) - 8 * int(ball.sum())) < 0.3 * (
+        8 * int(ball.sum())
+    )
+
+
 def _ct(example: Path) -> Path:
     return example / "s0000" / "ct.nii.gz"
 
@@ -142,21 +194,32 @@ def test_prediction_on_the_real_ct_keeps_its_geometry(
     head = HeadConfig("mob", rank=4, bases=2, partitions=2)
     _write_micro_checkpoint(ckpt, plans, None if method == "backbone" else head)
     params = PredictParams(
-        "pancreas", head=head, backbone=method == "backbone", samples=4, chunk=2, device="cpu"
+        "pancreas",
+        head=head,
+        backbone=method == "backbone",
+        samples=4,
+        chunk=2,
+        device="cpu",
+        save_samples=2,
     )
     out = tmp_path / "pred"
     result = predict_files(_Model(plans, ckpt), ckpt, params, {"s0000": ct_path}, out, "cpu")
     assert result["cases"] == ["s0000"] and result["point_mass"] == (method == "backbone")
+    n_saved = 0 if method == "backbone" else 2
+    assert result["saved_samples"] == n_saved
+    assert sorted(out.glob("s0000_sample*.nii.gz")) == [
+        out / f"s0000_sample{i}.nii.gz" for i in range(n_saved)
+    ]
     ref = sitk.ReadImage(str(ct_path))
-    for suffix in ("seg", "prob", "var", "entropy", "mi"):
+    for suffix in ("seg", "prob", "var", "entropy", "mi", *(f"sample{i}" for i in range(n_saved))):
         img = sitk.ReadImage(str(out / f"s0000_{suffix}.nii.gz"))
         assert img.GetSize() == ref.GetSize()
         assert img.GetSpacing() == ref.GetSpacing()
         assert img.GetOrigin() == ref.GetOrigin()
         assert img.GetDirection() == ref.GetDirection()
         arr = sitk.GetArrayFromImage(img)
-        if suffix == "seg":
-            assert arr.dtype == np.uint8
+        if suffix == "seg" or suffix.startswith("sample"):
+            assert arr.dtype == np.uint8 and set(np.unique(arr)) <= {0, 1}
         else:
             assert arr.dtype == np.float32 and np.isfinite(arr).all() and (arr >= 0).all()
     prob = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "s0000_prob.nii.gz")))

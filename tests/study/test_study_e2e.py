@@ -41,6 +41,7 @@ def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
         num_cases=6,
         size=32,
         samples=2,
+        save_samples=3,
         extra_predictions=extras,
     )
     plan = expand(spec)
@@ -57,6 +58,13 @@ def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
         assert 0.0 <= float(rows[-1]["ece"]) <= 1.0
         evaluated = records[f"evaluate/pancreas/{tag}/seed0"]
         assert evaluated.inputs["predict"] == f"predict/pancreas/{tag}/seed0"
+        # GED of the phantom's annotators against the model's own samples
+        n_saved = 0 if tag == "backbone" else 3
+        pred_dir = Path(records[f"predict/pancreas/{tag}/seed0"].outputs["pred_dir"])
+        for row in rows[:-1]:
+            assert len(list(pred_dir.glob(f"{row['case']}_sample*.nii.gz"))) == n_saved
+            assert int(row["n_samples"]) == max(n_saved, 1), tag
+            assert int(row["n_references"]) >= 2 and 0.0 <= float(row["ged2"]) + 0.05 <= 2.05
     assert records["predict/pancreas/backbone/seed0"].params["backbone"] is True
     report = Path(records["report"].outputs["report_html"])
     report = report if report.is_absolute() else ws.root / report
@@ -64,6 +72,7 @@ def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
     if extras:
         out = ws.root / "example" / "s0000"
         assert (out / "s0000_prob.nii.gz").is_file()
+        assert not list(out.glob("*_sample*.nii.gz"))  # samples serve the test set only
         # The test-split prediction of that run keeps its own record and folder.
         test_pred = records["predict/pancreas/mob-b3-r16/seed0"]
         assert test_pred.params["input"] is None
