@@ -16,9 +16,11 @@ never leaves a half-written manifest.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+import uuid
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -29,6 +31,8 @@ from typing import Any
 from filelock import FileLock
 
 from mobseg.errors import ManifestError, MissingStageError
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "done", "failed")
@@ -67,6 +71,9 @@ class StageRecord:
         error: One-line error of a failed run.
         versions: Versions of mobseg and its dependencies.
         attempts: How many times the stage was started.
+        run_id: Identifies the latest run; a later stage stores the run ids of
+            the records it was built from (``inputs["upstream"]``), so a rerun
+            upstream stage makes it outdated (:meth:`Manifest.outdated`).
     """
 
     stage: str
@@ -80,6 +87,7 @@ class StageRecord:
     error: str | None = None
     versions: dict[str, str] = field(default_factory=dict)
     attempts: int = 1
+    run_id: str = ""
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageRecord:
@@ -153,6 +161,44 @@ class Manifest:
             raise MissingStageError(key, command, detail=f"its status is {rec.status}")
         return rec
 
+    def outdated(
+        self, record: StageRecord, records: dict[str, StageRecord] | None = None
+    ) -> list[str]:
+        """Keys of the upstream records that ran again (or vanished) since ``record`` ran.
+
+        Args:
+            record: A record whose ``inputs["upstream"]`` maps upstream keys to
+                the run ids it was built from (see :meth:`running`).
+            records: A snapshot of :meth:`records` to check against; None = read now.
+
+        Returns:
+            The changed upstream keys; empty when ``record`` is current (and for
+            records written before run ids existed).
+        """
+        upstream = record.inputs.get("upstream") or {}
+        if not upstream:
+            return []
+        current = self.records() if records is None else records
+        changed = []
+        for key, run_id in upstream.items():
+            rec = current.get(key)
+            if rec is None or not rec.done or (run_id and rec.run_id != run_id):
+                changed.append(key)
+        return changed
+
+    def stale(self, record: StageRecord | None) -> bool:
+        """``record`` is finished but outdated (:meth:`outdated`); says which input changed.
+
+        A stage redoes a stale record from scratch (as with ``--force``).
+        """
+        if record is None or not record.done:
+            return False
+        changed = self.outdated(record)
+        if changed:
+            names = ", ".join(changed)
+            log.info("%s is outdated (%s ran again since); redoing it.", record.key, names)
+        return bool(changed)
+
     def find(self, stage: str | None = None, prefix: str = "") -> list[StageRecord]:
         """Records of ``stage`` whose key starts with ``prefix``, sorted by key."""
         recs = self.records().values()
@@ -217,6 +263,7 @@ class Manifest:
                 outputs=dict(old.outputs) if old is not None else {},
                 versions=collect_versions(),
                 attempts=(old.attempts + 1) if old is not None else 1,
+                run_id=uuid.uuid4().hex,
             )
             holder.append(rec)
             return rec
@@ -252,6 +299,7 @@ class Manifest:
         key: str,
         params: dict[str, Any] | None = None,
         inputs: dict[str, Any] | None = None,
+        upstream: Sequence[StageRecord] = (),
     ) -> Iterator[dict[str, Any]]:
         """Record a stage run around a block.
 
@@ -259,7 +307,17 @@ class Manifest:
         record becomes ``done``; on an exception it becomes ``failed`` with the
         error's first line, and the exception propagates. An interrupted run
         (KeyboardInterrupt, kill) stays ``running`` and is resumed by a rerun.
+
+        Args:
+            stage: Stage name.
+            key: Record key.
+            params: The stage's parameters.
+            inputs: Named inputs.
+            upstream: The finished records this run is built from; their run
+                ids are stored in ``inputs["upstream"]`` for :meth:`outdated`.
         """
+        if upstream:
+            inputs = {**(inputs or {}), "upstream": {r.key: r.run_id for r in upstream}}
         self.start(stage, key, params, inputs)
         outputs: dict[str, Any] = {}
         try:

@@ -120,3 +120,42 @@ def test_concurrent_writers_lose_no_record(tmp_path: Path) -> None:
     records = Manifest(path).records()
     assert len(records) == 50
     assert {f"finetune/w{w}/r{i}" for w in range(2) for i in range(25)} == set(records)
+
+
+def test_outdated_names_upstream_records_that_ran_again_failed_or_vanished(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    m = Manifest(tmp_path / "manifest.json")
+    with m.running("prepare", "prepare/liver"):
+        pass
+    with m.running("other", "other/x"):
+        pass
+    prep, other = m.get("prepare/liver"), m.get("other/x")
+    assert prep is not None and other is not None and len(prep.run_id) == 32
+    with m.running("pretrain", "pretrain/liver", {}, {"a": 1}, [prep, other]):
+        pass
+    rec = m.get("pretrain/liver")
+    assert rec is not None
+    assert rec.inputs == {
+        "a": 1,
+        "upstream": {"prepare/liver": prep.run_id, "other/x": other.run_id},
+    }
+    assert m.outdated(rec) == [] and not m.stale(rec)
+
+    with m.running("prepare", "prepare/liver"):  # prepare --force: a new run id
+        pass
+    new_prep = m.get("prepare/liver")
+    assert new_prep is not None and new_prep.run_id != prep.run_id
+    assert m.outdated(rec) == ["prepare/liver"]
+    with caplog.at_level("INFO", logger="mobseg.manifest"):
+        assert m.stale(rec)
+    assert "pretrain/liver is outdated (prepare/liver ran again since)" in caplog.text
+
+    m.fail("other/x", "boom")
+    assert m.outdated(rec) == ["prepare/liver", "other/x"]
+    m.update("other/x", lambda _old: None)  # vanished
+    assert m.outdated(rec, m.records()) == ["prepare/liver", "other/x"]
+    # records without upstream, and unfinished ones, are never stale
+    assert m.outdated(new_prep) == [] and not m.stale(None)
+    m.start("pretrain", "pretrain/liver", {}, {"upstream": {"prepare/liver": "x"}})
+    assert not m.stale(m.get("pretrain/liver"))

@@ -287,12 +287,10 @@ def evaluate_prediction(
     roi = params.region == "roi"
     key = evaluate_key(organ, tag, seed) + ("/roi" if roi else "")
     old = manifest.get(key)
-    if old is not None and old.done and not force:
-        stale = bool(pred_rec.finished and old.finished and pred_rec.finished > old.finished)
-        if not stale:
-            log.info("%s is done; skipping (use --force to redo).", key)
-            return old
-        log.info("%s is older than its prediction; evaluating again.", key)
+    stale = manifest.stale(old)  # the prediction ran again since
+    if old is not None and old.done and not force and not stale:
+        log.info("%s is done; skipping (use --force to redo).", key)
+        return old
 
     labels, cases = _test_cases(ws, manifest, organ)
     pred_dir = resolve_path(
@@ -322,7 +320,7 @@ def evaluate_prediction(
     csv_path = out_dir / f"metrics{suffix}.csv"
     rel_path = out_dir / f"reliability{suffix}.json"
     inputs = {"predict": pred_rec.key, "pred_dir": str(pred_dir), "labels": str(labels)}
-    with manifest.running("evaluate", key, run_params, inputs) as outputs:
+    with manifest.running("evaluate", key, run_params, inputs, [pred_rec]) as outputs:
         with progress.progress_bar(f"evaluate {organ}/{tag}/seed{seed}", len(files)) as adv:
             acc = evaluate_many(files, params.region, params.margin, on_case=lambda _c: adv())
         pooled = acc.pooled_row()

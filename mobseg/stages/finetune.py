@@ -103,6 +103,7 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
     tag = params.head.tag()
     key = finetune_key(params.organ, tag, params.seed)
     old = manifest.get(key)
+    force = force or manifest.stale(old)  # the backbone was retrained: start afresh
     if old is not None and old.done and not force:
         return old
     device = resolve_device(params.device)
@@ -114,7 +115,7 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
 
     setup_nnunet(ws, preset)
     inputs = {"pretrain": model.record.key, "backbone_checkpoint": str(model.checkpoint)}
-    with manifest.running("finetune", key, params.to_dict(), inputs) as outputs:
+    with manifest.running("finetune", key, params.to_dict(), inputs, [model.record]) as outputs:
         outputs.update(_finetune(params, preset, model, run_dir, device, tag))
     rec = manifest.get(key)
     assert rec is not None

@@ -14,15 +14,18 @@ Files per case in the output folder: ``<case>_seg.nii.gz`` (uint8),
 ``<case>_prob.nii.gz`` (float32 foreground mean probability),
 ``<case>_var.nii.gz`` (float32 Var[p] of the foreground),
 ``<case>_entropy.nii.gz`` (float32 predictive entropy, nats) and
-``<case>_mi.nii.gz`` (float32 mutual information, nats). Cases whose files
-all exist are skipped, so an interrupted run resumes.
+``<case>_mi.nii.gz`` (float32 mutual information, nats), and with
+``save_samples`` = S > 0 for a stochastic model ``<case>_sample<k>.nii.gz``
+(uint8 label maps of S joint samples, k = 0..S-1, for GED). Cases whose
+files all exist are skipped, so an interrupted run resumes.
 
 Case names: ``<case>_0000.nii.gz`` -> ``<case>``; ``<name>.nii.gz`` ->
 ``<name>``; a TotalSegmentator ``<case>/ct.nii.gz`` -> ``<case>``.
 
 Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
 ``cases``, ``samples`` (k used per tile), ``tta``, ``checkpoint``,
-``point_mass``, ``mixing``, ``files`` (suffixes written).
+``point_mass``, ``mixing``, ``saved_samples`` (S written per case),
+``files`` (suffixes written).
 """
 
 from __future__ import annotations
@@ -63,6 +66,8 @@ class PredictParams:
             then ignored.
         chunk: Samples drawn at once per tile (memory bound); None = as many as fit
             in 2^22 values per class.
+        save_samples: S joint samples written per case as label maps (for GED
+            and sample diversity); 0 = none. Ignored for point-mass models.
     """
 
     organ: str
@@ -75,6 +80,7 @@ class PredictParams:
     device: str = "auto"
     backbone: bool = False
     chunk: int | None = None
+    save_samples: int = 0
 
     @property
     def tag(self) -> str:
@@ -184,19 +190,22 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
         raise ConfigurationError(f"--samples must be >= 1, got {params.samples}.")
     if params.chunk is not None and params.chunk < 1:
         raise ConfigurationError(f"chunk must be >= 1, got {params.chunk}.")
+    if params.save_samples < 0:
+        raise ConfigurationError(f"--save-samples must be >= 0, got {params.save_samples}.")
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)
     tag, seed = params.tag, params.run_seed
     if params.backbone:
-        source_key, checkpoint = model.record.key, model.checkpoint
+        source, checkpoint = model.record, model.checkpoint
     else:
-        ft = manifest.require(
+        source = manifest.require(
             finetune_key(params.organ, tag, seed),
             finetune_command(params.organ, params.head.method, seed),
         )
-        source_key, checkpoint = ft.key, Path(ft.outputs["checkpoint_best"])
+        checkpoint = Path(source.outputs["checkpoint_best"])
     key = predict_key(params.organ, tag, seed)
     old = manifest.get(key)
+    force = force or manifest.stale(old)  # a new model: predict every case again
     if old is not None and old.done and not force and old.params == params.to_dict():
         return old
     test_dir: Path | None = None
@@ -214,8 +223,8 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
     from mobseg.nnunet.env import setup_nnunet
 
     setup_nnunet(ws, preset)
-    record_inputs = {"model": source_key, "checkpoint": str(checkpoint)}
-    with manifest.running("predict", key, params.to_dict(), record_inputs) as outputs:
+    record_inputs = {"model": source.key, "checkpoint": str(checkpoint)}
+    with manifest.running("predict", key, params.to_dict(), record_inputs, [source]) as outputs:
         outputs.update(
             predict_files(
                 model, checkpoint, params, inputs, out_dir, device, preset.tile_step_size, force
@@ -288,6 +297,7 @@ def predict_files(
         tile_step_size=tile_step_size,
         use_mirroring=params.tta,
         device=device,
+        save_samples=params.save_samples,
     )
     predictor.setup(
         network,
@@ -297,12 +307,13 @@ def predict_files(
         ckpt.get("inference_allowed_mirroring_axes"),
         point_mass=point_mass,
     )
+    n_saved = predictor.num_saved_samples
     preprocessor = cm.preprocessor_class(verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
     with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
         for case, path in inputs.items():
-            paths = output_paths(out_dir, case)
+            paths = output_paths(out_dir, case, n_saved)
             if not force and all(p.exists() for p in paths.values()):
                 done.append(case)
                 advance(case=case)
@@ -318,7 +329,18 @@ def predict_files(
                     path=str(path),
                 ) from exc
             moments = predictor.predict_moments(data)
-            export_moments(moments, props, pm, cm, num_classes, point_mass, path, out_dir, case)
+            export_moments(
+                moments,
+                props,
+                pm,
+                cm,
+                num_classes,
+                point_mass,
+                path,
+                out_dir,
+                case,
+                samples=predictor.last_samples,
+            )
             done.append(case)
             advance(case=case)
     return {
@@ -329,7 +351,8 @@ def predict_files(
         "checkpoint": str(checkpoint),
         "point_mass": point_mass,
         "mixing": mixing,
-        "files": list(OUTPUT_SUFFIXES),
+        "saved_samples": n_saved,
+        "files": [*OUTPUT_SUFFIXES, *(f"sample{i}" for i in range(n_saved))],
         "device": device,
     }
 

@@ -86,13 +86,15 @@ def run(ws: Workspace, params: PretrainParams, force: bool = False) -> StageReco
     prep_rec, data = prepared_dataset(manifest, params.organ)
     key = pretrain_key(params.organ)
     old = manifest.get(key)
+    stale = manifest.stale(old)  # prepare ran again: plan and train afresh
+    force = force or stale
     if old is not None and old.done and not force:
         used = old.outputs.get("preset", old.params.get("preset"))
         if used != params.preset:
             raise ConfigurationError(
                 f"The backbone of {params.organ} is already trained with preset {used!r}.",
                 f"Add --force to retrain it with preset {params.preset!r} "
-                "(fine-tuned runs of the old backbone become stale).",
+                "(runs fine-tuned on the old backbone are then redone when next asked for).",
             )
         return old
     device = resolve_device(params.device)
@@ -101,7 +103,7 @@ def run(ws: Workspace, params: PretrainParams, force: bool = False) -> StageReco
 
     setup_nnunet(ws, preset)
     inputs = {"prepare": prep_rec.key, "dataset_name": data.dataset_name}
-    with manifest.running("pretrain", key, params.to_dict(), inputs) as outputs:
+    with manifest.running("pretrain", key, params.to_dict(), inputs, [prep_rec]) as outputs:
         outputs.update(_pretrain(params, preset, data, device, force))
     rec = manifest.get(key)
     assert rec is not None

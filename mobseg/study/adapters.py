@@ -93,23 +93,24 @@ def predict_outside(ws: Workspace, job: OutsidePrediction, force: bool = False) 
         raise ValueError("An outside prediction needs params.input and params.out.")
     manifest = Manifest(ws.manifest_path)
     old = manifest.get(job.key)
+    force = force or manifest.stale(old)
     if old is not None and old.done and not force and old.params == params.to_dict():
         return old
     model = pretrained_model(manifest, params.organ)
     if params.backbone:
-        source_key, checkpoint = model.record.key, model.checkpoint
+        source, checkpoint = model.record, model.checkpoint
     else:
-        ft = manifest.require(
+        source = manifest.require(
             finetune_key(params.organ, params.tag, params.seed),
             finetune_command(params.organ, params.head.method, params.seed),
         )
-        source_key, checkpoint = ft.key, Path(ft.outputs["checkpoint_best"])
+        checkpoint = Path(source.outputs["checkpoint_best"])
     inputs = resolve_inputs(params, None, [])
     device = resolve_device(params.device)
     preset = get_preset(model.preset)
     setup_nnunet(ws, preset)
-    record_inputs = {"model": source_key, "checkpoint": str(checkpoint), "input": str(params.input)}
-    with manifest.running("predict", job.key, params.to_dict(), record_inputs) as outputs:
+    record_inputs = {"model": source.key, "checkpoint": str(checkpoint), "input": str(params.input)}
+    with manifest.running("predict", job.key, params.to_dict(), record_inputs, [source]) as outputs:
         outputs.update(
             predict_files(
                 model,

@@ -2,8 +2,11 @@
 
 Rules:
 
-- A job whose manifest record is ``done`` is not run again; everything else
-  (never run, ``failed``, or ``running`` from an interrupted study) is.
+- A job whose manifest record is ``done`` and current is not run again;
+  everything else (never run, ``failed``, ``running`` from an interrupted
+  study, or outdated) is. A record is outdated when a stage it was built
+  from ran again since (:meth:`mobseg.manifest.Manifest.outdated`) or will
+  run in this study.
 - A job starts once all its dependencies are done. A job marked
   ``after_any`` (the report) starts once all its dependencies have settled
   and at least one is done.
@@ -12,8 +15,8 @@ Rules:
 - A job marked ``refresh`` (the report) is redone with ``force`` when one of
   its dependencies ran in this invocation.
 - Interrupting (Ctrl-C) stops the workers; the interrupted stages stay
-  ``running`` in the manifest and resume on the next run. Finished stages
-  are never redone.
+  ``running`` in the manifest and resume on the next run. Finished, current
+  stages are never redone.
 - Only one study runs on a workdir at a time (``<workdir>/study/study.lock``).
 """
 
@@ -138,11 +141,14 @@ def _run(
     state: dict[str, str] = {}
     force: dict[str, bool] = {}
     cause: dict[str, str] = {}
-    for job in plan:
+    for job in plan:  # dependencies come first
         rec = records.get(job.key)
-        state[job.key] = "done" if rec is not None and rec.done else "todo"
+        done = rec is not None and rec.done and not manifest.outdated(rec, records)
+        if done and not job.refresh and any(state[d] == "todo" for d in job.deps):
+            done = False  # built on something that will run again: outdated once it has
+        state[job.key] = "done" if done else "todo"
         force[job.key] = False
-        if state[job.key] == "done":
+        if done:
             result.already_done.append(job.key)
     dependents = plan.dependents()
 

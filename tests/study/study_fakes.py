@@ -2,9 +2,10 @@
 
 ``wrap(plan)`` points every job of a real plan at :func:`run` and wraps its
 params with the job's stage, key and dependencies. :func:`run` behaves like a
-stage: it returns at once when the manifest says done (unless ``force``),
-checks that its dependencies are done (``Manifest.require``, the ordering
-oracle), records itself with ``Manifest.running`` and appends its key to
+stage: it returns at once when the manifest says done and current (unless
+``force``), checks that its dependencies are done (``Manifest.require``, the
+ordering oracle), records itself with ``Manifest.running`` (with its
+dependencies as upstream records) and appends its key to
 ``<workdir>/calls.log``. ``<workdir>/control.json`` makes chosen keys fail,
 raise KeyboardInterrupt, kill their own process, or report their GPUs.
 
@@ -67,14 +68,15 @@ def calls(root: Path) -> list[str]:
 
 def run(ws: Workspace, params: Wrapped, force: bool = False) -> None:
     manifest = Manifest(ws.manifest_path)
-    if manifest.is_done(params.key) and not force:
+    if manifest.is_done(params.key) and not force and not manifest.stale(manifest.get(params.key)):
         return
+    upstream = []
     for dep in params.deps:
         if params.stage != "report":
-            manifest.require(dep, f"fake {dep}")
+            upstream.append(manifest.require(dep, f"fake {dep}"))
     path = ws.root / "control.json"
     ctl = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    with manifest.running(params.stage, params.key, {"fake": True}) as outputs:
+    with manifest.running(params.stage, params.key, {"fake": True}, {}, upstream) as outputs:
         with open(ws.root / "calls.log", "a", encoding="utf-8") as fh:
             fh.write(params.key + "\n")
         if ctl.get("sleep"):

@@ -52,6 +52,28 @@ def test_a_second_run_redoes_nothing_and_the_report_is_not_refreshed(tmp_path: P
     assert again.succeeded == [] and fakes.calls(tmp_path) == before
 
 
+def test_a_rerun_upstream_stage_redoes_everything_built_on_it(tmp_path: Path) -> None:
+    """`prepare --force` outside the study: the backbone and every run on it are outdated."""
+    ws = Workspace(tmp_path)
+    plan = micro_plan(seeds=1, methods=("mob",))
+    run(ws, plan)
+    n_first = len(fakes.calls(tmp_path))
+    prepare = plan.by_stage("prepare")[0]
+    fakes.run(ws, prepare.params, force=True)  # a new prepare run (new run id)
+    manifest = Manifest(ws.manifest_path)
+    pretrain = plan.by_stage("pretrain")[0].key
+    assert manifest.outdated(manifest.get(pretrain)) == [prepare.key]
+    again = run(ws, plan)
+    # the report counts as done before and is refreshed because its inputs ran
+    assert again.ok and again.already_done == [prepare.key, "report"]
+    redone = fakes.calls(tmp_path)[n_first + 1 :]
+    assert sorted(redone) == sorted(k for k in plan.jobs if k != prepare.key)
+    records = Manifest(ws.manifest_path).records()
+    assert not any(manifest.outdated(records[k], records) for k in plan.jobs)
+    # and now all is current: nothing more to do
+    assert run(ws, plan).succeeded == []
+
+
 def test_a_failure_skips_only_its_dependents_and_the_report_still_runs(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
     plan = micro_plan()
