@@ -31,6 +31,7 @@ Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -174,8 +175,10 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
     """Predict probability, variance and entropy maps with the run of ``params``.
 
     A finished record with the same parameters is returned without work
-    (unless ``force``); with other parameters (e.g. another ``--input``) the
-    prediction runs again and replaces the record.
+    (unless ``force``); with other parameters (e.g. another ``--input`` or
+    ``--samples``) every case is predicted again and the record is replaced.
+    An interrupted run with the same parameters resumes: cases whose files
+    all exist are kept.
 
     Raises:
         MissingStageError: the fine-tuned run (or the backbone) is missing.
@@ -208,6 +211,8 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
     force = force or manifest.stale(old)  # a new model: predict every case again
     if old is not None and old.done and not force and old.params == params.to_dict():
         return old
+    # other options (--samples, --save-samples, ...): files of the old run are not reused
+    force = force or (old is not None and old.params != params.to_dict())
     test_dir: Path | None = None
     test_cases: list[str] = []
     if params.input is None:
@@ -319,6 +324,7 @@ def predict_files(
                 advance(case=case)
                 continue
             verify_nifti_file(path, case)
+            _clear_case(paths["seg"], out_dir, case, n_saved)
             try:
                 with quiet():
                     data, _, props = preprocessor.run_case([str(path)], None, pm, cm, dataset_json)
@@ -355,6 +361,18 @@ def predict_files(
         "files": [*OUTPUT_SUFFIXES, *(f"sample{i}" for i in range(n_saved))],
         "device": device,
     }
+
+
+def _clear_case(seg: Path, out_dir: Path, case: str, keep: int) -> None:
+    """Before a case is (re)predicted: remove its segmentation, the file that marks a
+    complete case (so an interruption cannot leave old files looking complete), and
+    ``<case>_sample<k>.nii.gz`` with k >= ``keep`` (left by a run with more samples)."""
+    seg.unlink(missing_ok=True)
+    pattern = re.compile(rf"^{re.escape(case)}_sample(\d+)\.nii\.gz$")
+    for f in out_dir.glob(f"{case}_sample*.nii.gz"):
+        match = pattern.match(f.name)
+        if match and int(match.group(1)) >= keep:
+            f.unlink()
 
 
 def _check_reader(plans_manager: Any) -> None:

@@ -31,7 +31,7 @@ from filelock import FileLock, Timeout
 
 from mobseg import progress
 from mobseg.errors import MobsegError
-from mobseg.manifest import Manifest
+from mobseg.manifest import Manifest, StageRecord
 from mobseg.study.executors import Executor, Outcome
 from mobseg.study.grid import Job, Plan
 from mobseg.workspace import Workspace
@@ -128,6 +128,20 @@ def run_plan(
         lock.release()
 
 
+def _options_changed(job: Job, record: StageRecord) -> bool:
+    """A finished prediction recorded with other options than the study's.
+
+    ``predict`` is the stage that redoes a finished run when its options
+    change (``--samples``, ``--save-samples``, another input), so the study
+    must run such a job instead of counting it as done.
+    """
+    if job.stage != "predict":
+        return False
+    params = getattr(job.params, "params", job.params)  # OutsidePrediction wraps them
+    to_dict = getattr(params, "to_dict", None)
+    return callable(to_dict) and record.params != to_dict()
+
+
 def _run(
     ws: Workspace,
     plan: Plan,
@@ -144,6 +158,8 @@ def _run(
     for job in plan:  # dependencies come first
         rec = records.get(job.key)
         done = rec is not None and rec.done and not manifest.outdated(rec, records)
+        if done and rec is not None and _options_changed(job, rec):
+            done = False  # e.g. another --samples: the predict stage redoes it
         if done and not job.refresh and any(state[d] == "todo" for d in job.deps):
             done = False  # built on something that will run again: outdated once it has
         state[job.key] = "done" if done else "todo"

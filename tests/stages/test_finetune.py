@@ -10,11 +10,11 @@ import pytest
 import torch
 from nnunet_testlib import pretrained_micro_workspace
 
-from mobseg.core.config import HeadConfig, LossConfig  # noqa: E402
-from mobseg.errors import ConfigurationError, MissingStageError  # noqa: E402
-from mobseg.manifest import Manifest  # noqa: E402
-from mobseg.stages import finetune  # noqa: E402
-from mobseg.workspace import Workspace  # noqa: E402
+from mobseg.core.config import HeadConfig, LossConfig
+from mobseg.errors import ConfigurationError, MissingStageError
+from mobseg.manifest import Manifest
+from mobseg.stages import finetune
+from mobseg.workspace import Workspace
 
 
 @pytest.fixture(scope="module")

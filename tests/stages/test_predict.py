@@ -4,15 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 from nnunet_testlib import pretrained_micro_workspace
 
-from mobseg.core.config import HeadConfig  # noqa: E402
-from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError  # noqa: E402
-from mobseg.manifest import Manifest  # noqa: E402
-from mobseg.stages import predict  # noqa: E402
-from mobseg.workspace import Workspace  # noqa: E402
+from mobseg.core.config import HeadConfig
+from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError
+from mobseg.manifest import Manifest
+from mobseg.stages import predict
+from mobseg.workspace import Workspace
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +133,45 @@ def test_default_input_is_the_test_split_and_interrupted_runs_resume(micro_ws: W
     rec2 = predict.run(micro_ws, params)
     assert rec2.status == "done" and missing.exists()
     assert rec2.outputs["cases"] == cases
+
+
+def test_other_options_redo_every_case_and_drop_extra_samples(micro_ws: Workspace) -> None:
+    from dataclasses import replace
+
+    from mobseg.core.config import LossConfig
+    from mobseg.stages import finetune
+
+    head = HeadConfig("diagonal")
+    finetune.run(
+        micro_ws,
+        finetune.FinetuneParams(
+            "pancreas", head=head, loss=LossConfig(samples=2), seed=11, device="cpu", epochs=1
+        ),
+    )
+    three = predict.PredictParams(
+        "pancreas", head=head, seed=11, samples=2, save_samples=3, device="cpu"
+    )
+    rec = predict.run(micro_ws, three)
+    out = Path(rec.outputs["pred_dir"])
+    cases = rec.outputs["cases"]
+    assert rec.outputs["saved_samples"] == 3 and "sample2" in rec.outputs["files"]
+
+    def names(case: str) -> list[str]:
+        return sorted(f.name for f in out.glob(f"{case}_sample*.nii.gz"))
+
+    for case in cases:
+        assert names(case) == [f"{case}_sample{i}.nii.gz" for i in range(3)]
+        sample = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_sample0.nii.gz")))
+        seg = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}_seg.nii.gz")))
+        assert sample.dtype == np.uint8 and sample.shape == seg.shape
+        assert set(np.unique(sample)) <= {0, 1}
+    mtimes = {p: p.stat().st_mtime_ns for p in out.iterdir()}
+
+    one = replace(three, save_samples=1)
+    rec1 = predict.run(micro_ws, one)
+    assert rec1.params == one.to_dict() and rec1.outputs["saved_samples"] == 1
+    for case in cases:
+        assert names(case) == [f"{case}_sample0.nii.gz"]  # no leftovers of the old run
+        for suffix in ("seg", "prob", "var", "sample0"):
+            path = out / f"{case}_{suffix}.nii.gz"
+            assert path.stat().st_mtime_ns != mtimes[path], path  # predicted again

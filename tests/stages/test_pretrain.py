@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from nnunet_testlib import pretrained_micro_workspace
 
-from mobseg.errors import ConfigurationError, MissingStageError, UnknownNameError  # noqa: E402
-from mobseg.manifest import Manifest  # noqa: E402
-from mobseg.stages import pretrain  # noqa: E402
-from mobseg.workspace import Workspace  # noqa: E402
+from mobseg.errors import ConfigurationError, MissingStageError, UnknownNameError
+from mobseg.manifest import Manifest
+from mobseg.stages import pretrain
+from mobseg.workspace import Workspace
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,13 @@ def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
     again = run_plan(ws, plan, SequentialExecutor(ws.root))
     assert again.ok and again.succeeded == []
     assert sorted(again.already_done) == sorted(plan.jobs)
+
+    # Other prediction options: the predictions (and what is built on them) run again.
+    fewer = expand(replace(spec, save_samples=2))
+    third = run_plan(ws, fewer, SequentialExecutor(ws.root))
+    assert third.ok
+    ran = {o.key.split("/")[0] for o in third.succeeded}
+    assert ran == {"predict", "evaluate", "report"}, sorted(o.key for o in third.succeeded)
+    pred_dir = Path(records["predict/pancreas/mob-b3-r16/seed0"].outputs["pred_dir"])
+    case = rows[0]["case"]
+    assert len(list(pred_dir.glob(f"{case}_sample*.nii.gz"))) == 2
