@@ -229,7 +229,10 @@ def pretrain(
     iterations: Annotated[
         int | None, typer.Option(help="Override the preset's iterations per epoch.")
     ] = None,
-    num_gpus: Annotated[int, typer.Option(help="GPUs (only 1 is supported).")] = 1,
+    num_gpus: Annotated[
+        int,
+        typer.Option(help="CUDA GPUs for nnU-Net's own DDP training of the backbone (one node)."),
+    ] = 1,
     force: ForceOpt = False,
 ) -> None:
     """Train the deterministic nnU-Net v2 backbone (planning, preprocessing, training)."""

@@ -157,10 +157,45 @@ class _QuietLogMixin:
 
 # ---------------------------------------------------------------------------------
 class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
-    """nnU-Net's default training with progress bars and atomic checkpoints."""
+    """nnU-Net's default training with progress bars and atomic checkpoints.
+
+    Under ``torch.distributed`` (see :mod:`mobseg.nnunet.ddp`) it is nnU-Net's
+    own DDP training: the global batch split over the ranks, gradients
+    all-reduced, rank 0 writing checkpoints and logs. nnU-Net assumes CUDA
+    there; this class also accepts a CPU device (the ``gloo`` backend), so
+    the distributed path is tested on CPU-only machines.
+    """
 
     progress_label = "pretrain"
     plot_every = 10
+
+    def __init__(  # nnU-Net records these argument names for its checkpoints
+        self,
+        plans: dict,
+        configuration: str,
+        fold: int,
+        dataset_json: dict,
+        device: torch.device = torch.device("cuda"),  # noqa: B008 - nnU-Net's default
+    ) -> None:
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if self.is_ddp and torch.device(device).type == "cpu":
+            self.device = torch.device("cpu")  # nnU-Net would pick cuda:<rank>
+
+    def initialize(self) -> None:
+        """nnU-Net's set-up; under DDP on the CPU, wrapped without ``device_ids``."""
+        if not (self.is_ddp and self.device.type == "cpu") or self.was_initialized:
+            super().initialize()
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.is_ddp = False  # nnU-Net's wrapper passes device_ids, which CPU modules refuse
+        try:
+            super().initialize()
+        finally:
+            self.is_ddp = True
+        self._set_batch_size_and_oversample()  # this rank's share of the global batch
+        self.network = DistributedDataParallel(self.network)
+        self.loss = self._build_loss()  # nnU-Net's DDP variant of the loss
 
     def configure(
         self,

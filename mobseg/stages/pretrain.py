@@ -6,7 +6,8 @@ default trainer for fold 0 (our train/val split) with
 :class:`mobseg.nnunet.trainer.PretrainTrainer`. Training resumes from
 ``checkpoint_latest.pth`` after an interruption; a finished backbone is not
 retrained unless ``force``. After training, the backbone's Dice on whole
-validation volumes is recorded (``val_dice``).
+validation volumes is recorded (``val_dice``). With ``num_gpus`` = N > 1 the
+training is nnU-Net's own DDP over N CUDA GPUs (:mod:`mobseg.nnunet.ddp`).
 
 Manifest key ``pretrain/<organ>``; outputs: ``dataset_name``,
 ``plans_identifier``, ``plans_file``, ``dataset_json``, ``configuration``,
@@ -44,7 +45,7 @@ class PretrainParams:
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         epochs: Override the preset's number of epochs.
         iterations: Override the preset's iterations per epoch.
-        num_gpus: GPUs for nnU-Net's own DDP training (only 1 is supported).
+        num_gpus: GPUs for nnU-Net's own DDP training (N > 1 needs N CUDA GPUs).
     """
 
     organ: str
@@ -73,11 +74,10 @@ def run(ws: Workspace, params: PretrainParams, force: bool = False) -> StageReco
     from mobseg.nnunet.context import prepared_dataset
 
     preset = get_preset(params.preset)
-    if params.num_gpus != 1:
-        raise ConfigurationError(
-            "mobseg trains on one device; --num-gpus other than 1 is not supported.",
-            "Run nnU-Net's own nnUNetv2_train for multi-GPU backbones.",
-        )
+    if params.num_gpus < 1:
+        raise ConfigurationError(f"--num-gpus must be >= 1, got {params.num_gpus}.")
+    if params.num_gpus > 1:
+        check_gpus(resolve_device(params.device), params.num_gpus)
     for name in ("epochs", "iterations"):
         value = getattr(params, name)
         if value is not None and value < 1:
@@ -114,6 +114,7 @@ def _pretrain(params: PretrainParams, preset: Any, data: Any, device: str, force
     import json
     import os
 
+    from mobseg.nnunet.ddp import BackboneJob, train_backbone, train_distributed
     from mobseg.nnunet.planning import plan_and_preprocess
     from mobseg.nnunet.trainer import PretrainTrainer, backbone_dice, make_trainer
 
@@ -131,34 +132,32 @@ def _pretrain(params: PretrainParams, preset: Any, data: Any, device: str, force
     dataset_json = json.loads(dataset_json_file.read_text(encoding="utf-8"))
     epochs = params.epochs or preset.pretrain_epochs
     iterations = params.iterations or preset.pretrain_iterations
-
-    trainer = make_trainer(
-        PretrainTrainer, plans, planned.configuration, dataset_json, device, resume=not force
-    )
-    out_dir = Path(trainer.output_folder)
-    if force:
-        for old in out_dir.glob("checkpoint_*.pth"):
-            old.unlink()
-    trainer.configure(
-        epochs,
-        iterations,
-        preset.pretrain_val_iterations,
-        preset.pretrain_save_every,
+    job = BackboneJob(
+        plans=plans,
+        configuration=planned.configuration,
+        dataset_json=dataset_json,
+        device=device,
+        resume=not force,
+        epochs=epochs,
+        iterations=iterations,
+        val_iterations=preset.pretrain_val_iterations,
+        save_every=preset.pretrain_save_every,
         lr=preset.pretrain_lr,
     )
-    final = out_dir / "checkpoint_final.pth"
-    latest = out_dir / "checkpoint_latest.pth"
-    if final.exists():
-        log.info("backbone already trained: %s", final)
-        trainer.load_checkpoint(str(final))
-        if trainer.current_epoch < epochs:
-            log.info("continuing from epoch %d to %d", trainer.current_epoch, epochs)
-            trainer.run_training()
+    if force:
+        for old in trainer_folder(job).glob("checkpoint_*.pth"):
+            old.unlink()
+    if params.num_gpus > 1:
+        log.info("training the backbone with nnU-Net's DDP on %d GPUs", params.num_gpus)
+        train_distributed(job, params.num_gpus)
+        trainer = make_trainer(
+            PretrainTrainer, plans, job.configuration, dataset_json, device, True
+        )
+        trainer.load_checkpoint(str(trainer_folder(job) / "checkpoint_final.pth"))
     else:
-        if latest.exists():
-            log.info("resuming backbone training from %s", latest)
-            trainer.load_checkpoint(str(latest))
-        trainer.run_training()
+        trainer = train_backbone(job)
+    out_dir = Path(trainer.output_folder)
+    final = out_dir / "checkpoint_final.pth"
     val_dice = backbone_dice(trainer)
     return {
         "dataset_name": data.dataset_name,
@@ -174,4 +173,42 @@ def _pretrain(params: PretrainParams, preset: Any, data: Any, device: str, force
         "iterations": iterations,
         "val_dice": val_dice,
         "device": device,
+        "num_gpus": params.num_gpus,
     }
+
+
+def trainer_folder(job: Any) -> Path:
+    """nnU-Net's output folder of the backbone trainer (fold 0) for ``job``'s plans."""
+    from nnunetv2.utilities.file_path_utilities import get_output_folder
+
+    return Path(
+        get_output_folder(
+            job.plans["dataset_name"],
+            "PretrainTrainer",
+            job.plans["plans_name"],
+            job.configuration,
+            0,
+        )
+    )
+
+
+def check_gpus(device: str, num_gpus: int) -> None:
+    """DDP over ``num_gpus`` needs that many CUDA GPUs.
+
+    Raises:
+        ConfigurationError: another device, or fewer GPUs visible.
+    """
+    import torch
+
+    if device != "cuda":
+        raise ConfigurationError(
+            f"--num-gpus {num_gpus} trains with nnU-Net's DDP on CUDA GPUs; "
+            f"the device is {device}.",
+            "Use --num-gpus 1 here, or run on a machine with CUDA GPUs.",
+        )
+    visible = torch.cuda.device_count()
+    if visible < num_gpus:
+        raise ConfigurationError(
+            f"--num-gpus {num_gpus} asked for, but {visible} CUDA GPU(s) are visible.",
+            "Lower --num-gpus or check CUDA_VISIBLE_DEVICES.",
+        )

@@ -30,8 +30,12 @@ def test_unknown_preset_and_gpu_count_are_user_errors(tmp_path: Path) -> None:
     ws = Workspace(tmp_path).ensure()
     with pytest.raises(UnknownNameError, match="preset"):
         pretrain.run(ws, pretrain.PretrainParams("pancreas", preset="gpu"))
-    with pytest.raises(ConfigurationError, match="num-gpus"):
-        pretrain.run(ws, pretrain.PretrainParams("pancreas", preset="cpu", num_gpus=2))
+    with pytest.raises(ConfigurationError, match="--num-gpus must be >= 1"):
+        pretrain.run(ws, pretrain.PretrainParams("pancreas", preset="cpu", num_gpus=0))
+    with pytest.raises(ConfigurationError, match="DDP on CUDA GPUs; the device is cpu"):
+        pretrain.run(
+            ws, pretrain.PretrainParams("pancreas", preset="cpu", num_gpus=2, device="cpu")
+        )
     with pytest.raises(ConfigurationError, match="--epochs must be >= 1"):
         pretrain.run(ws, pretrain.PretrainParams("pancreas", preset="cpu", epochs=0))
 
