@@ -781,7 +781,7 @@ def status(
     The grid is the last `mobseg study` / `mobseg demo` of this workdir (or,
     without one, what the manifest holds). `--records` lists every stage run.
     """
-    from mobseg.manifest import Manifest
+    from mobseg.manifest import Manifest, outdated_inputs
 
     def go() -> None:
         ws = Workspace.from_option(state.workdir)
@@ -791,18 +791,20 @@ def status(
                 out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")
                 return
             table = Table(title=f"mobseg manifest: {ws.manifest_path}")
-            for col in ("key", "status", "attempts", "started", "finished", "error"):
+            for col in ("key", "status", "attempts", "started", "finished", "error / note"):
                 table.add_column(col, overflow="fold")
-            colours = {"done": "green", "running": "yellow", "failed": "red"}
+            colours = {"done": "green", "running": "yellow", "failed": "red", "outdated": "magenta"}
             for rec in records.values():
-                c = colours.get(rec.status, "white")
+                changed = outdated_inputs(rec, records) if rec.done else []
+                shown = "outdated" if changed else rec.status
+                note = f"{', '.join(changed)} ran again since" if changed else (rec.error or "")
                 table.add_row(
                     rec.key,
-                    f"[{c}]{rec.status}[/]",
+                    f"[{colours.get(shown, 'white')}]{shown}[/]",
                     str(rec.attempts),
                     rec.started,
                     rec.finished or "-",
-                    rec.error or "",
+                    note,
                 )
             out.print(table)
             return
@@ -825,6 +827,13 @@ def status(
         failed = [r for r in records.values() if r.status == "failed"]
         if failed:
             out.print(f"[red]{len(failed)} failed[/] (errors: `mobseg status --records`).")
+        stale = [k for k, v in plan.status(records).items() if v == "outdated"]
+        if stale:
+            out.print(
+                f"[magenta]{len(stale)} outdated[/]: a stage they were built on ran again; "
+                "they count as remaining and are redone when next asked for "
+                "(`mobseg status --records` names the direct ones)."
+            )
 
     guarded(go)
 

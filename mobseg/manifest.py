@@ -20,7 +20,7 @@ import logging
 import os
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -102,6 +102,17 @@ class StageRecord:
         return self.status == "done"
 
 
+def outdated_inputs(record: StageRecord, records: Mapping[str, StageRecord]) -> list[str]:
+    """Keys in ``record.inputs["upstream"]`` whose record in ``records`` is missing,
+    unfinished, or has another run id than the one ``record`` was built from."""
+    changed = []
+    for key, run_id in (record.inputs.get("upstream") or {}).items():
+        rec = records.get(key)
+        if rec is None or not rec.done or (run_id and rec.run_id != run_id):
+            changed.append(key)
+    return changed
+
+
 class Manifest:
     """Read and update ``manifest.json`` safely.
 
@@ -175,16 +186,9 @@ class Manifest:
             The changed upstream keys; empty when ``record`` is current (and for
             records written before run ids existed).
         """
-        upstream = record.inputs.get("upstream") or {}
-        if not upstream:
+        if not record.inputs.get("upstream"):
             return []
-        current = self.records() if records is None else records
-        changed = []
-        for key, run_id in upstream.items():
-            rec = current.get(key)
-            if rec is None or not rec.done or (run_id and rec.run_id != run_id):
-                changed.append(key)
-        return changed
+        return outdated_inputs(record, self.records() if records is None else records)
 
     def stale(self, record: StageRecord | None) -> bool:
         """``record`` is finished but outdated (:meth:`outdated`); says which input changed.

@@ -41,7 +41,7 @@ from typing import Any
 from mobseg.core.config import METHOD_NAMES, HeadConfig, LossConfig, check_method
 from mobseg.data.structures import PAPER_ORGANS, resolve_organ
 from mobseg.errors import ConfigurationError
-from mobseg.manifest import StageRecord
+from mobseg.manifest import StageRecord, outdated_inputs
 from mobseg.stages import keys
 from mobseg.stages.predict import BACKBONE_TAG
 
@@ -235,6 +235,19 @@ class Job:
     def target(self) -> str:
         return self.runner or f"mobseg.stages.{self.stage}:run"
 
+    def options_changed(self, record: StageRecord) -> bool:
+        """A finished prediction recorded with other options than this job's.
+
+        ``predict`` is the stage that redoes a finished run when its options
+        change (``--samples``, ``--save-samples``, another input), so such a
+        job is not done.
+        """
+        if self.stage != "predict":
+            return False
+        params = getattr(self.params, "params", self.params)  # OutsidePrediction wraps them
+        to_dict = getattr(params, "to_dict", None)
+        return callable(to_dict) and record.params != to_dict()
+
 
 @dataclass
 class Plan:
@@ -279,12 +292,40 @@ class Plan:
         """A copy whose every job calls ``runner`` (``"module:function"``) instead."""
         return Plan({k: replace(j, runner=runner) for k, j in self.jobs.items()})
 
+    def current(self, records: Mapping[str, StageRecord]) -> set[str]:
+        """Keys of the jobs a run of the study would not redo.
+
+        A job is current when its record is done, none of the records it was
+        built from ran again since (:func:`mobseg.manifest.outdated_inputs`),
+        a prediction's options are unchanged (:meth:`Job.options_changed`),
+        and, except for ``refresh`` jobs, all its dependencies are current
+        (a job built on something that will run again is outdated once it has).
+        """
+        current: set[str] = set()
+        for job in self.jobs.values():  # dependencies come first
+            rec = records.get(job.key)
+            if rec is None or not rec.done or outdated_inputs(rec, records):
+                continue
+            if job.options_changed(rec):
+                continue
+            if not job.refresh and any(d not in current for d in job.deps):
+                continue
+            current.add(job.key)
+        return current
+
     def status(self, records: Mapping[str, StageRecord]) -> dict[str, str]:
-        """Key -> ``done``, ``running``, ``failed`` or ``pending`` from manifest records."""
+        """Key -> ``done``, ``outdated`` (done, but would run again: :meth:`current`),
+        ``running``, ``failed`` or ``pending`` from manifest records."""
+        current = self.current(records)
         out: dict[str, str] = {}
         for key in self.jobs:
             rec = records.get(key)
-            out[key] = "pending" if rec is None else rec.status
+            if rec is None:
+                out[key] = "pending"
+            elif rec.done and key not in current:
+                out[key] = "outdated"
+            else:
+                out[key] = rec.status
         return out
 
     def stage_counts(self, records: Mapping[str, StageRecord]) -> list[dict[str, Any]]:

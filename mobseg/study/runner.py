@@ -2,11 +2,10 @@
 
 Rules:
 
-- A job whose manifest record is ``done`` and current is not run again;
-  everything else (never run, ``failed``, ``running`` from an interrupted
-  study, or outdated) is. A record is outdated when a stage it was built
-  from ran again since (:meth:`mobseg.manifest.Manifest.outdated`) or will
-  run in this study.
+- A job whose manifest record is ``done`` and current
+  (:meth:`mobseg.study.grid.Plan.current`) is not run again; everything
+  else (never run, ``failed``, ``running`` from an interrupted study, or
+  outdated) is.
 - A job starts once all its dependencies are done. A job marked
   ``after_any`` (the report) starts once all its dependencies have settled
   and at least one is done.
@@ -31,7 +30,7 @@ from filelock import FileLock, Timeout
 
 from mobseg import progress
 from mobseg.errors import MobsegError
-from mobseg.manifest import Manifest, StageRecord
+from mobseg.manifest import Manifest
 from mobseg.study.executors import Executor, Outcome
 from mobseg.study.grid import Job, Plan
 from mobseg.workspace import Workspace
@@ -128,20 +127,6 @@ def run_plan(
         lock.release()
 
 
-def _options_changed(job: Job, record: StageRecord) -> bool:
-    """A finished prediction recorded with other options than the study's.
-
-    ``predict`` is the stage that redoes a finished run when its options
-    change (``--samples``, ``--save-samples``, another input), so the study
-    must run such a job instead of counting it as done.
-    """
-    if job.stage != "predict":
-        return False
-    params = getattr(job.params, "params", job.params)  # OutsidePrediction wraps them
-    to_dict = getattr(params, "to_dict", None)
-    return callable(to_dict) and record.params != to_dict()
-
-
 def _run(
     ws: Workspace,
     plan: Plan,
@@ -155,13 +140,9 @@ def _run(
     state: dict[str, str] = {}
     force: dict[str, bool] = {}
     cause: dict[str, str] = {}
-    for job in plan:  # dependencies come first
-        rec = records.get(job.key)
-        done = rec is not None and rec.done and not manifest.outdated(rec, records)
-        if done and rec is not None and _options_changed(job, rec):
-            done = False  # e.g. another --samples: the predict stage redoes it
-        if done and not job.refresh and any(state[d] == "todo" for d in job.deps):
-            done = False  # built on something that will run again: outdated once it has
+    current = plan.current(records)
+    for job in plan:
+        done = job.key in current
         state[job.key] = "done" if done else "todo"
         force[job.key] = False
         if done:

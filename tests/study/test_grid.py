@@ -16,7 +16,7 @@ from mobseg.stages.finetune import FinetuneParams
 from mobseg.stages.predict import PredictParams
 from mobseg.stages.pretrain import PretrainParams
 from mobseg.study import grid
-from mobseg.study.grid import ExtraPrediction, StudySpec, expand
+from mobseg.study.grid import ExtraPrediction, Plan, StudySpec, expand
 
 PAPER_ORGANS = ("pancreas", "gallbladder", "duodenum", "adrenal_gland_left")
 
@@ -231,15 +231,20 @@ def test_spec_round_trips_through_the_saved_file(tmp_path: Path) -> None:
     assert grid.load_spec(tmp_path) is None
 
 
-def _rec(key: str, status: str) -> StageRecord:
-    return StageRecord(stage=key.split("/")[0], key=key, status=status)
+def _rec(key: str, status: str, plan: Plan | None = None) -> StageRecord:
+    """A record of ``key``; with ``plan``, a prediction's params are the job's (as predict
+    records them)."""
+    params = {}
+    if plan is not None and key.startswith("predict/"):
+        params = plan[key].params.to_dict()
+    return StageRecord(stage=key.split("/")[0], key=key, status=status, params=params)
 
 
 def test_stage_counts_and_run_cells_follow_the_manifest() -> None:
     spec = StudySpec(organs=("pancreas",), methods=("diagonal", "mob"), seeds=3, ablation_bases=())
     plan = expand(spec)
     recs = {
-        k: _rec(k, s)
+        k: _rec(k, s, plan)
         for k, s in [
             ("prepare/pancreas", "done"),
             ("pretrain/pancreas", "done"),
@@ -270,6 +275,40 @@ def test_stage_counts_and_run_cells_follow_the_manifest() -> None:
     assert cells[("pancreas", "diagonal")] == Counter(done=1, failed=1, pending=1)
     assert cells[("pancreas", "mob-b3-r16")] == Counter(running=1, pending=2)
     assert cells[("pancreas", "backbone")] == Counter(done=1)
+
+
+def test_current_and_outdated_follow_run_ids_dependencies_and_options() -> None:
+    spec = StudySpec(organs=("pancreas",), methods=("mob",), seeds=1, ablation_bases=())
+    plan = expand(spec)
+    recs = {}
+    for job in plan:  # a finished study, each record built on its dependencies' runs
+        rec = _rec(job.key, "done", plan)
+        rec.run_id = f"run-{job.key}"
+        if job.stage != "report":
+            rec.inputs = {"upstream": {d: f"run-{d}" for d in job.deps}}
+        recs[job.key] = rec
+    assert plan.current(recs) == set(plan.jobs)
+    assert set(plan.status(recs).values()) == {"done"}
+
+    recs["pretrain/pancreas"].run_id = "run-again"  # pretrain --force
+    status = plan.status(recs)
+    built_on_pretrain = {
+        "finetune/pancreas/mob-b3-r16/seed0",
+        "predict/pancreas/mob-b3-r16/seed0",
+        "evaluate/pancreas/mob-b3-r16/seed0",
+        "predict/pancreas/backbone/seed0",
+        "evaluate/pancreas/backbone/seed0",
+    }
+    assert {k for k, v in status.items() if v == "outdated"} == built_on_pretrain
+    assert status["report"] == "done"  # refreshed by the runner when its inputs run
+
+    recs["pretrain/pancreas"].run_id = "run-pretrain/pancreas"
+    recs["predict/pancreas/mob-b3-r16/seed0"].params["samples"] = 7  # another --samples
+    status = plan.status(recs)
+    assert {k for k, v in status.items() if v == "outdated"} == {
+        "predict/pancreas/mob-b3-r16/seed0",
+        "evaluate/pancreas/mob-b3-r16/seed0",
+    }
 
 
 @pytest.mark.parametrize(

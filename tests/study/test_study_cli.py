@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 from mobseg.cli import app
 from mobseg.manifest import Manifest
 from mobseg.study import grid
+from mobseg.workspace import Workspace
 
 runner = CliRunner()
 
@@ -98,6 +99,29 @@ def test_user_errors_exit_1_with_one_line(tmp_path: Path, args: list[str], messa
     assert result.exit_code == 1, result.output
     assert message in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.usefixtures("fake_expand")
+def test_status_counts_outdated_runs_as_remaining(tmp_path: Path) -> None:
+    args = ["study", "--organs", "pancreas", "--methods", "mob", "--seeds", "1"]
+    args += ["--bases-ablation", "", "--source", "phantom", "--preset", "cpu"]
+    assert invoke(tmp_path, *args).exit_code == 0
+    assert row(invoke(tmp_path, "status").output, "all") == [8, 8, 0, 0, 0]
+    # the backbone is retrained outside the study: everything built on it is outdated
+    plan = fakes.wrap(grid.expand(grid.load_spec(tmp_path)))
+    fakes.run(Workspace(tmp_path), plan["pretrain/pancreas"].params, force=True)
+    status = invoke(tmp_path, "status")
+    assert row(status.output, "pretrain") == [1, 1, 0, 0, 0]
+    assert row(status.output, "finetune") == [1, 0, 0, 0, 1]
+    assert row(status.output, "predict") == [2, 0, 0, 0, 2]
+    assert "5 outdated" in status.output  # finetune, 2 predict, 2 evaluate (the report has none)
+    records = invoke(tmp_path, "status", "--records")
+    line = next(ln for ln in records.output.splitlines() if "finetune/pancreas/mob" in ln)
+    assert "outdated" in line and "pretrain/pancreas ran again since" in line
+    again = invoke(tmp_path, *args)
+    assert (
+        again.exit_code == 0 and "8 jobs: 3 already done, 6 ran" in again.output
+    )  # the report is refreshed
 
 
 @pytest.mark.usefixtures("fake_expand")
