@@ -184,7 +184,8 @@ def uncertainty_section(results: StudyResults) -> list[Block]:
         Paragraph(
             text + " Table 5 also gives the case-level AURC: the mean selective risk when the "
             "cases are handed to a reader in order of decreasing model confidence (lower is "
-            "better), and, where several reference masks exist, GED\u00b2 (1 - IoU)."
+            "better), and, where several reference masks exist, GED\u00b2 (1 - IoU) with the "
+            "diversity of the model's samples beside that of the annotators."
         )
     ]
 

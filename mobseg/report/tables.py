@@ -288,14 +288,16 @@ def calibration_table(results: StudyResults, roi: bool = False) -> Table:
     return table
 
 
-#: (summary key, header, decimals, higher is better) of Table 5.
-UNCERTAINTY_COLUMNS: tuple[tuple[str, str, int, bool], ...] = (
+#: (summary key, header, decimals, higher is better; None = no best marked) of Table 5.
+UNCERTAINTY_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
     ("auroc_var", "AUROC (Var)", 3, True),
     ("auprc_var", "AUPRC (Var)", 3, True),
     ("auroc_entropy", "AUROC (H)", 3, True),
     ("aurc_var", "AURC (Var)", 3, False),
     ("aurc_entropy", "AURC (H)", 3, False),
     ("ged2", "GED\u00b2", 3, False),
+    ("diversity", "Sample div.", 3, None),
+    ("reference_diversity", "Annotator div.", 3, None),
     ("pstar_mae", "|p - p*|", 4, False),
 )
 
@@ -309,8 +311,11 @@ def uncertainty_table(results: StudyResults) -> Table:
         "Voxel error detection (errors = prediction differs from the ground truth; score "
         "Var[p] or predictive entropy H), case-level area under the risk-coverage curve "
         "(risk 1 - Dice, confidence = minus the mean uncertainty over the predicted organ; "
-        "lower is better), GED\u00b2 against several reference masks (1 - IoU), and the mean "
-        "absolute error of p against the phantom's true probability p*. Not in the paper.",
+        "lower is better), GED\u00b2 against several reference masks (1 - IoU), the mean "
+        "distance between distinct model samples and between distinct annotators (sample "
+        "and annotator diversity, 1 - IoU; a good model's matches the annotators', so no "
+        "best is marked; '-' without saved samples), and the mean absolute error of p "
+        "against the phantom's true probability p*. Not in the paper.",
         ["Organ", "Method"] + [c[1] for c in UNCERTAINTY_COLUMNS] + ["Seeds"],
         label_columns=2,
     )
@@ -345,7 +350,8 @@ def uncertainty_table(results: StudyResults) -> Table:
             table.rows.append(row)
         block = table.rows[start:]
         for i, (_, _, _, higher) in enumerate(UNCERTAINTY_COLUMNS):
-            mark_best(block, 2 + i, higher)
+            if higher is not None:
+                mark_best(block, 2 + i, higher)
     _flag_best_records(table)
     return table
 

@@ -127,3 +127,26 @@ def test_empty_results_give_dashes_and_paper_values() -> None:
     assert splits.column_texts(1) == ["-"] * 4 and splits.column_texts(5)[0] == "648"
     assert tables["table6_runs"].rows == []
     assert "table4b_calibration_roi" not in tables
+
+
+def test_uncertainty_table_shows_diversities_without_a_best() -> None:
+    from mobseg.report.tables import uncertainty_table
+
+    res = StudyResults()
+    for seed, (ged, div) in enumerate([(0.20, 0.10), (0.22, 0.14)]):
+        common = {"reference_diversity": 0.3, "auroc_var": 0.9}
+        res.runs.append(
+            _run("pancreas", "mob-b3-r16", "mob", seed, ged2=ged, diversity=div, **common)
+        )
+        res.runs.append(
+            _run("pancreas", "diagonal", "diagonal", seed, ged2=0.3, diversity=0.05, **common)
+        )
+    table = uncertainty_table(res)
+    col = {name: i for i, name in enumerate(table.columns)}
+    assert table.columns.index("Sample div.") == col["GED\u00b2"] + 1
+    rows = {r[1].text: r for r in table.rows}
+    mob, diag = rows["Mixture-of-Bases"], rows["Diagonal"]
+    assert mob[col["Sample div."]].plain() == "0.120 \u00b1 0.028"
+    assert mob[col["Annotator div."]].plain() == "0.300 \u00b1 0.000"
+    assert mob[col["GED\u00b2"]].bold and not diag[col["GED\u00b2"]].bold  # lower is better
+    assert not any(r[col["Sample div."]].bold or r[col["Annotator div."]].bold for r in table.rows)
