@@ -65,6 +65,7 @@ SUMMARY_KEYS = (
     "eaurc_entropy",
     "ged2",
     "diversity",
+    "reference_diversity",
     "pstar_mae",
     "pstar_rmse",
     "n_cases",
