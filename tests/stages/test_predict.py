@@ -77,6 +77,8 @@ def test_needs_the_finetuned_run(micro_ws: Workspace) -> None:
         predict.run(micro_ws, params)
     with pytest.raises(ConfigurationError, match="--samples"):
         predict.run(micro_ws, predict.PredictParams("pancreas", samples=0, backbone=True))
+    with pytest.raises(ConfigurationError, match="--save-samples must be >= 0, got -1"):
+        predict.run(micro_ws, predict.PredictParams("pancreas", save_samples=-1, backbone=True))
 
 
 def test_backbone_on_the_real_ct_keeps_its_geometry(

@@ -92,6 +92,8 @@ def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> Non
         (["--methods", "mob,diag"], "diagonal"),
         (["--seeds", "0"], "--seeds"),
         (["--slurm-arg", "account"], "KEY=VALUE"),
+        (["--save-samples", "-1"], "--save-samples must be >= 0"),
+        (["--num-gpus", "0"], "--num-gpus"),
     ],
 )
 def test_user_errors_exit_1_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
