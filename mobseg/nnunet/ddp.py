@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -147,7 +147,7 @@ def train_distributed(job: BackboneJob, world_size: int) -> None:
         for k, v in os.environ.items()
         if k.startswith("nnUNet_") or k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
     )
-    job = BackboneJob(**{**job.__dict__, "env": env})
+    job = replace(job, env=env)
     import torch.multiprocessing as tmp
 
     tmp.spawn(_worker, args=(world_size, free_port(), job), nprocs=world_size, join=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -43,10 +44,10 @@ def test_argument_errors() -> None:
     with pytest.raises(ValueError, match="world_size >= 2"):
         train_distributed(job, 1)
     with pytest.raises(ValueError, match="cuda or cpu"):
-        train_distributed(BackboneJob(**{**job.__dict__, "device": "mps"}), 2)
+        train_distributed(replace(job, device="mps"), 2)
     if torch.cuda.device_count() < 64:
         with pytest.raises(ValueError, match="64 GPUs asked for"):
-            train_distributed(BackboneJob(**{**job.__dict__, "device": "cuda"}), 64)
+            train_distributed(replace(job, device="cuda"), 64)
 
 
 def _point_nnunet_at(ws: Workspace, monkeypatch: pytest.MonkeyPatch) -> None:
