@@ -171,7 +171,9 @@ def resolve_inputs(
     return out
 
 
-def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecord:
+def run(
+    ws: Workspace, params: PredictParams, force: bool = False, key: str | None = None
+) -> StageRecord:
     """Predict probability, variance and entropy maps with the run of ``params``.
 
     A finished record with the same parameters is returned without work
@@ -179,6 +181,13 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
     ``--samples``) every case is predicted again and the record is replaced.
     An interrupted run with the same parameters resumes: cases whose files
     all exist are kept.
+
+    Args:
+        ws: The workspace.
+        params: The options.
+        force: Predict every case again.
+        key: Record under this key instead of ``predict/<organ>/<tag>/seed<S>``
+            (the study's predictions of CTs outside the test split).
 
     Raises:
         MissingStageError: the fine-tuned run (or the backbone) is missing.
@@ -206,7 +215,7 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
             finetune_command(params.organ, params.head.method, seed),
         )
         checkpoint = Path(source.outputs["checkpoint_best"])
-    key = predict_key(params.organ, tag, seed)
+    key = key or predict_key(params.organ, tag, seed)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # a new model: predict every case again
     if old is not None and old.done and not force and old.params == params.to_dict():
@@ -229,6 +238,8 @@ def run(ws: Workspace, params: PredictParams, force: bool = False) -> StageRecor
 
     setup_nnunet(ws, preset)
     record_inputs = {"model": source.key, "checkpoint": str(checkpoint)}
+    if params.input is not None:
+        record_inputs["input"] = str(params.input)
     with manifest.running("predict", key, params.to_dict(), record_inputs, [source]) as outputs:
         outputs.update(
             predict_files(

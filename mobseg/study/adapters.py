@@ -5,9 +5,9 @@
   ``head=None`` would evaluate every predicted run of that seed, which in a
   parallel study duplicates other jobs' work.
 - :func:`predict_outside`: predict a CT outside the test split (the demo's
-  real CT) under its own key ``predict/<organ>/<tag>/seed<S>/<name>``.
-  ``predict.run`` with ``--input`` records under the run's own key and would
-  replace the test-split prediction's record that ``evaluate`` reads.
+  real CT) under its own key ``predict/<organ>/<tag>/seed<S>/<name>``
+  (``predict.run(..., key=...)``); under the run's own key it would replace
+  the test-split prediction's record that ``evaluate`` reads.
 
 Both reuse the stages' own functions for the work, so the files and records
 are the same as the stages write.
@@ -16,17 +16,11 @@ are the same as the stages write.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from mobseg.manifest import Manifest, StageRecord
-from mobseg.stages.keys import (
-    finetune_command,
-    finetune_key,
-    predict_command,
-    predict_key,
-)
-from mobseg.stages.predict import BACKBONE_SEED, BACKBONE_TAG  # noqa: E402
+from mobseg.stages.keys import predict_key
+from mobseg.stages.predict import BACKBONE_SEED, BACKBONE_TAG
 from mobseg.workspace import Workspace
 
 
@@ -73,57 +67,20 @@ class OutsidePrediction:
 def predict_outside(ws: Workspace, job: OutsidePrediction, force: bool = False) -> StageRecord:
     """Predict ``job.params.input`` into ``job.params.out`` with the run of ``job.params``.
 
-    Mirrors ``mobseg.stages.predict.run`` (same model lookup, nnU-Net set-up
-    and :func:`mobseg.stages.predict.predict_files`) but records under
-    ``job.key``. A finished record with the same parameters is returned
-    without work unless ``force``.
+    :func:`mobseg.stages.predict.run` recording under ``job.key``, so the
+    test-split prediction of the same run keeps its own record.
 
     Raises:
+        ValueError: ``params.input`` or ``params.out`` is missing.
         MissingStageError: the fine-tuned run or the backbone is missing.
         InvalidInputError: the input is missing or unreadable.
     """
-    from mobseg.device import resolve_device
-    from mobseg.nnunet.context import pretrained_model
-    from mobseg.nnunet.env import setup_nnunet
-    from mobseg.nnunet.presets import get_preset
-    from mobseg.stages.predict import predict_files, resolve_inputs
+    from mobseg.stages import predict
 
     params = job.params
     if params.input is None or params.out is None:
         raise ValueError("An outside prediction needs params.input and params.out.")
-    manifest = Manifest(ws.manifest_path)
-    old = manifest.get(job.key)
-    force = force or manifest.stale(old)
-    if old is not None and old.done and not force and old.params == params.to_dict():
-        return old
-    model = pretrained_model(manifest, params.organ)
-    if params.backbone:
-        source, checkpoint = model.record, model.checkpoint
-    else:
-        source = manifest.require(
-            finetune_key(params.organ, params.tag, params.seed),
-            finetune_command(params.organ, params.head.method, params.seed),
-        )
-        checkpoint = Path(source.outputs["checkpoint_best"])
-    inputs = resolve_inputs(params, None, [])
-    device = resolve_device(params.device)
-    preset = get_preset(model.preset)
-    setup_nnunet(ws, preset)
-    record_inputs = {"model": source.key, "checkpoint": str(checkpoint), "input": str(params.input)}
-    with manifest.running("predict", job.key, params.to_dict(), record_inputs, [source]) as outputs:
-        outputs.update(
-            predict_files(
-                model,
-                checkpoint,
-                params,
-                inputs,
-                Path(params.out),
-                device,
-                preset.tile_step_size,
-                force,
-            )
-        )
-    return manifest.require(job.key, predict_command(params.organ, params.head.method, params.seed))
+    return predict.run(ws, params, force=force, key=job.key)
 
 
 __all__ = ["OutsidePrediction", "evaluate_backbone", "predict_outside"]
