@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -121,6 +122,15 @@ def _worker(rank: int, world_size: int, port: int, job: BackboneJob) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # Done, and rank 0's checkpoints are closed. Leave without the interpreter's
+    # teardown: native threads of the process group (and of data loading) can
+    # still be alive then, and a joinable std::thread destroyed at exit aborts
+    # the process ("terminate called without an active exception"), which
+    # spawn would report as a failed rank.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train_distributed(job: BackboneJob, world_size: int) -> None:
