@@ -25,7 +25,7 @@ from typing import Any
 
 from mobseg.errors import InvalidInputError
 from mobseg.manifest import Manifest
-from mobseg.study.grid import Plan
+from mobseg.study.grid import Job, Plan
 from mobseg.workspace import Workspace
 
 HERE = Path(__file__).resolve().parent
@@ -50,6 +50,18 @@ def wrap(plan: Plan) -> Plan:
             for k, j in plan.jobs.items()
         }
     )
+
+
+def prepare_job(key: str) -> Job:
+    """A fake ``prepare`` job with no dependencies, recorded under ``key``."""
+    return Job("prepare", key, Wrapped("prepare", key, ()), runner=RUNNER)
+
+
+def single(key: str) -> Plan:
+    """A plan of one fake ``prepare`` job."""
+    plan = Plan()
+    plan.add(prepare_job(key))
+    return plan
 
 
 def control(root: Path, **behaviour: Any) -> None:

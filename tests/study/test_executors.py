@@ -91,7 +91,7 @@ def test_each_worker_is_pinned_to_its_own_gpus(tmp_path: Path) -> None:
     # Three one-GPU jobs on two GPUs, then a two-GPU job (DDP pretraining).
     for i in range(3):
         key = f"prepare/o{i}"
-        plan.add(Job("prepare", key, fakes.Wrapped("prepare", key, ()), runner=fakes.RUNNER))
+        plan.add(fakes.prepare_job(key))
     big = "pretrain/o0"
     plan.add(
         Job(
@@ -115,10 +115,7 @@ def test_each_worker_is_pinned_to_its_own_gpus(tmp_path: Path) -> None:
 
 def test_jobs_without_gpus_are_not_pinned(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
-    plan = Plan()
-    plan.add(
-        Job("prepare", "prepare/a", fakes.Wrapped("prepare", "prepare/a", ()), runner=fakes.RUNNER)
-    )
+    plan = fakes.single("prepare/a")
     fakes.control(tmp_path, gpus=["prepare/a"], gpu_sleep=0)
     assert run_plan(ws, plan, ex.ProcessExecutor(tmp_path, jobs=2, gpus=[])).ok
     import os
@@ -153,9 +150,8 @@ def test_submitit_local_executor_runs_a_micro_grid(tmp_path: Path) -> None:
 
 def test_submitit_resubmits_a_job_that_died(tmp_path: Path) -> None:
     ws = Workspace(tmp_path)
-    plan = Plan()
     key = "prepare/a"
-    plan.add(Job("prepare", key, fakes.Wrapped("prepare", key, ()), runner=fakes.RUNNER))
+    plan = fakes.single(key)
     fakes.control(tmp_path, kill_once=[key])
     opts = ex.ClusterOptions(time_min=5, poll_s=0.2, retries=1)
     result = run_plan(ws, plan, ex.make_executor("submitit-local", tmp_path, options=opts))
@@ -165,8 +161,7 @@ def test_submitit_resubmits_a_job_that_died(tmp_path: Path) -> None:
 
     # Without retries the death is a failure with the job's state.
     key2 = "prepare/b"
-    plan2 = Plan()
-    plan2.add(Job("prepare", key2, fakes.Wrapped("prepare", key2, ()), runner=fakes.RUNNER))
+    plan2 = fakes.single(key2)
     fakes.control(tmp_path, kill_once=[key2])
     opts0 = ex.ClusterOptions(time_min=5, poll_s=0.2, retries=0)
     result = run_plan(ws, plan2, ex.make_executor("submitit-local", tmp_path, options=opts0))
@@ -183,9 +178,8 @@ def test_a_fork_pool_inside_a_submitit_job_ends(tmp_path: Path) -> None:
     instead of hanging).
     """
     ws = Workspace(tmp_path)
-    plan = Plan()
     key = "prepare/a"
-    plan.add(Job("prepare", key, fakes.Wrapped("prepare", key, ()), runner=fakes.RUNNER))
+    plan = fakes.single(key)
     fakes.control(tmp_path, fork_pool=[key])
     opts = ex.ClusterOptions(time_min=1, poll_s=0.2, retries=0)
     result = run_plan(ws, plan, ex.make_executor("submitit-local", tmp_path, options=opts))
