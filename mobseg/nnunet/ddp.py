@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ class BackboneJob:
         val_iterations: Validation iterations per epoch.
         save_every: Epochs between checkpoints.
         lr: Initial learning rate (None = nnU-Net's).
-        env: nnU-Net environment variables to set in spawned processes.
+
+    The spawned processes inherit this process's environment, so nnU-Net's
+    folders (``nnUNet_raw`` etc.) need no passing.
     """
 
     plans: dict[str, Any]
@@ -58,7 +60,6 @@ class BackboneJob:
     val_iterations: int
     save_every: int
     lr: float | None = None
-    env: tuple[tuple[str, str], ...] = ()
 
 
 def train_backbone(job: BackboneJob) -> Any:
@@ -109,7 +110,6 @@ def _worker(rank: int, world_size: int, port: int, job: BackboneJob) -> None:
 
     from mobseg import progress
 
-    os.environ.update(dict(job.env))
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     cuda = torch.device(job.device).type == "cuda"
@@ -152,12 +152,6 @@ def train_distributed(job: BackboneJob, world_size: int) -> None:
         )
     if device not in ("cuda", "cpu"):
         raise ValueError(f"distributed training runs on cuda or cpu, not {device}")
-    env = tuple(
-        (k, v)
-        for k, v in os.environ.items()
-        if k.startswith("nnUNet_") or k in ("OMP_NUM_THREADS", "CUDA_VISIBLE_DEVICES")
-    )
-    job = replace(job, env=env)
     import torch.multiprocessing as tmp
 
     tmp.spawn(_worker, args=(world_size, free_port(), job), nprocs=world_size, join=True)
