@@ -133,6 +133,14 @@ NoiseOpt = Annotated[
     str, typer.Option("--noise", help="voxel, block (mob, single-basis) or global (single-basis).")
 ]
 MixingOpt = Annotated[str, typer.Option("--mixing", help="soft or hard mixing of bases (mob).")]
+RunOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--run",
+        help="Tag of the fine-tuned run, as finetune printed it (e.g. mob-b3-r16-lse); "
+        "overrides --method and the head options.",
+    ),
+]
 
 
 def _head(method: str, bases: int, rank: int, partitions: int, noise: str, mixing: str) -> Any:
@@ -268,8 +276,24 @@ def finetune(
     noise: NoiseOpt = "voxel",
     mixing: MixingOpt = "soft",
     mc_loss: Annotated[
-        str, typer.Option(help="mean (paper) or logsumexp (SSN) Monte-Carlo loss.")
+        str,
+        typer.Option(
+            help="mean (paper: mean over the k samples of CE + Dice) or logsumexp (SSN: "
+            "-log-mean-exp of the k whole-patch log-likelihoods, divided by the voxels)."
+        ),
     ] = "mean",
+    antithetic: Annotated[
+        bool, typer.Option(help="Draw the k samples as antithetic pairs mu +/- e (k even).")
+    ] = False,
+    annotators: Annotated[
+        str,
+        typer.Option(
+            help="0 (the label) or all (a random annotator per case per iteration; "
+            "sources with several annotators, e.g. the phantom)."
+        ),
+    ] = "0",
+    lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
+    lambda_kl: Annotated[float, typer.Option(help="Weight of the KL term.")] = 5e-4,
     preset: Annotated[
         str | None,
         typer.Option("--preset", help="paper, cpu or micro; default: the backbone's preset."),
@@ -277,7 +301,11 @@ def finetune(
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
-    """Fine-tune the backbone with a stochastic head (or the deterministic control)."""
+    """Fine-tune the backbone with a stochastic head (or the deterministic control).
+
+    The run's tag (printed) names it in the workdir; options other than the
+    defaults add a suffix (docs/methods.md). Give it to predict and evaluate as --run.
+    """
     from mobseg.core.config import LossConfig
     from mobseg.stages import finetune as stage
 
@@ -285,12 +313,16 @@ def finetune(
         params = stage.FinetuneParams(
             organ=_organ(organ),
             head=_head(method, bases, rank, partitions, noise, mixing),
-            loss=LossConfig(samples=samples, mc_loss=mc_loss),
+            loss=LossConfig(
+                samples=samples, mc_loss=mc_loss, antithetic=antithetic, lambda_kl=lambda_kl
+            ),
             seed=seed,
             preset=preset,
             device=device,
             epochs=epochs,
             iterations=iterations,
+            lr=lr,
+            annotators=annotators,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -328,6 +360,14 @@ def predict(
     partitions: PartOpt = 4,
     noise: NoiseOpt = "voxel",
     mixing: MixingOpt = "soft",
+    run: RunOpt = None,
+    inference_mixing: Annotated[
+        str | None,
+        typer.Option(
+            help="soft or hard mixing of the bases at inference (mob); default: the "
+            "checkpoint's recorded mixing."
+        ),
+    ] = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
@@ -349,6 +389,8 @@ def predict(
             out=out_dir,
             device=device,
             save_samples=save_samples,
+            run=run,
+            inference_mixing=inference_mixing,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -378,6 +420,7 @@ def evaluate(
     partitions: PartOpt = 4,
     noise: NoiseOpt = "voxel",
     mixing: MixingOpt = "soft",
+    run: RunOpt = None,
     force: ForceOpt = False,
 ) -> None:
     """Score predictions: Dice, NLL, Brier, ECE/MCE, reliability, uncertainty quality."""
@@ -394,6 +437,7 @@ def evaluate(
             out=out_file,
             region=region,
             margin=margin,
+            run=run,
         )
         return stage.run(workspace(), params, force=force)
 

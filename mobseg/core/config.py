@@ -1,13 +1,17 @@
 """Configurations of the stochastic heads and their loss (SPEC sections 3 and 4).
 
 These dataclasses are the one description of a method that the CLI, the
-trainer, the predictor, the study grid and the report share. ``HeadConfig.tag``
-names a fine-tuning run in the manifest and in the workdir.
+trainer, the predictor, the study grid and the report share. ``RunConfig.tag`` names a fine-tuning
+run in the manifest and in the workdir: the head's readable tag
+(``HeadConfig.tag``), then a suffix for every option of the loss and of the
+training that differs from its default (see :meth:`RunConfig.tag`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from mobseg.errors import ConfigurationError, UnknownNameError
@@ -31,6 +35,9 @@ MC_LOSSES: tuple[str, ...] = ("mean", "logsumexp")
 #: mobseg.core.distributions): per-voxel C x C Cholesky (C normals per voxel) or
 #: the literal factor z1, z2 (C + R normals per voxel).
 SAMPLERS: tuple[str, ...] = ("cholesky", "factor")
+#: Which annotator's mask a fine-tuning step learns: ``0`` (the nnU-Net label)
+#: or ``all`` (a random annotator per case per iteration).
+ANNOTATOR_CHOICES: tuple[str, ...] = ("0", "all")
 
 
 def check_method(name: str) -> str:
@@ -108,12 +115,20 @@ class HeadConfig:
         return self.method != "deterministic"
 
     def tag(self) -> str:
-        """Short run name, e.g. ``mob-b3-r16``; non-default options are appended."""
+        """Short name of the head, e.g. ``mob-b3-r16``; non-default options are appended.
+
+        Every option that changes the head appears, except ``eps`` (no CLI
+        option), which :meth:`RunConfig.tag` hashes when it is not the default.
+        ``partitions`` appears where it is used: mob, and single-basis with
+        ``block`` noise.
+        """
         m = self.method
         if m in ("deterministic", "diagonal"):
             tag = m
         elif m in ("lowrank", "single-basis"):
             tag = f"{m}-r{self.rank}"
+            if m == "single-basis" and self.noise == "block" and self.partitions != 4:
+                tag += f"-p{self.partitions}"
         else:
             tag = f"mob-b{self.bases}-r{self.rank}"
             if self.partitions != 4:
@@ -175,3 +190,113 @@ class LossConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+#: Defaults of the training options that :class:`RunConfig` hashes.
+_DEFAULT_LR = 1e-4
+_DEFAULT_WEIGHT_DECAY = 1e-4
+#: Loss options a deterministic run does not use (its k samples are identical,
+#: and it has no variance, bases or weights to regularise).
+_STOCHASTIC_ONLY = ("samples", "mc_loss", "antithetic", "lambda_kl", "lambda_orth", "lambda_w")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything besides the seed that changes a fine-tuned model: its identity.
+
+    Attributes:
+        head: The head.
+        loss: The loss (``batch_dice`` is not part of the identity: the trainer
+            sets it from the backbone's plans).
+        lr: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        epochs: Fine-tuning epochs; None = the preset's. Give None (not the
+            preset's value) for the preset's schedule: see
+            :func:`mobseg.stages.finetune.run_config`, which normalises it.
+        iterations: Iterations per epoch; None = the preset's.
+        val_every: Validation interval (it selects ``checkpoint_best.pth``);
+            None = the preset's.
+        annotators: ``0`` or ``all`` (:data:`ANNOTATOR_CHOICES`).
+    """
+
+    head: HeadConfig
+    loss: LossConfig = field(default_factory=lambda: LossConfig())
+    lr: float = _DEFAULT_LR
+    weight_decay: float = _DEFAULT_WEIGHT_DECAY
+    epochs: int | None = None
+    iterations: int | None = None
+    val_every: int | None = None
+    annotators: str = "0"
+
+    def __post_init__(self) -> None:
+        check_annotators(self.annotators)
+
+    def hashed_options(self) -> dict[str, Any]:
+        """The non-default options that have no readable part in :meth:`tag`."""
+        out: dict[str, Any] = {}
+        default_loss = LossConfig()
+        readable = {"samples", "mc_loss", "antithetic", "batch_dice"}
+        for name in LossConfig.__dataclass_fields__:
+            if name in readable or (not self.head.stochastic and name in _STOCHASTIC_ONLY):
+                continue
+            value = getattr(self.loss, name)
+            if value != getattr(default_loss, name):
+                out[name] = value
+        if self.head.eps != HeadConfig("mob").eps:
+            out["eps"] = self.head.eps
+        if self.lr != _DEFAULT_LR:
+            out["lr"] = self.lr
+        if self.weight_decay != _DEFAULT_WEIGHT_DECAY:
+            out["weight_decay"] = self.weight_decay
+        for name in ("epochs", "iterations", "val_every"):
+            if getattr(self, name) is not None:
+                out[name] = getattr(self, name)
+        return out
+
+    def suffix(self) -> str:
+        """What :meth:`tag` appends to the head's tag ("" for the defaults)."""
+        parts: list[str] = []
+        loss = self.loss
+        if self.head.stochastic:
+            if loss.mc_loss != "mean":
+                parts.append("lse")
+            if loss.samples != LossConfig().samples:
+                parts.append(f"k{loss.samples}")
+            if loss.antithetic:
+                parts.append("anti")
+        if self.annotators != "0":
+            parts.append(f"ann{self.annotators}")
+        hashed = self.hashed_options()
+        if hashed:
+            text = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
+            parts.append("x" + hashlib.sha256(text.encode()).hexdigest()[:8])
+        return "".join(f"-{p}" for p in parts)
+
+    def tag(self) -> str:
+        """The run's name in the manifest and the workdir.
+
+        ``HeadConfig.tag()`` followed by, in this order and only when they
+        differ from the defaults: ``-lse`` (``mc_loss`` logsumexp), ``-k<k>``
+        (samples per step), ``-anti`` (antithetic pairs), ``-annall``
+        (``--annotators all``), and ``-x<8 hex>``, the first 8 hex digits of
+        the SHA-256 of the JSON (sorted keys, no spaces) of every other
+        non-default option (:meth:`hashed_options`: lambdas, Dice smoothing,
+        eps, lr, weight decay, and epochs, iterations or validation interval
+        other than the preset's). The paper's configurations keep their
+        readable tags (``mob-b3-r16``). A deterministic run ignores the
+        options it does not use (samples, objective, KL, orthogonality and
+        entropy weights), so they do not split it.
+        """
+        return self.head.tag() + self.suffix()
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["head"], d["loss"] = self.head.to_dict(), self.loss.to_dict()
+        return d
+
+
+def check_annotators(value: str) -> str:
+    """Return ``value`` if it is an annotator choice, else raise UnknownNameError."""
+    if value not in ANNOTATOR_CHOICES:
+        raise UnknownNameError("annotator choice", value, ANNOTATOR_CHOICES)
+    return value

@@ -311,9 +311,16 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
         val_samples: int = 10,
         tile_step_size: float = 0.5,
         label: str = "finetune",
+        annotator_segs: dict[str, list[Path | None]] | None = None,
     ) -> None:
-        """Set the method and protocol (call once, before ``initialize``)."""
+        """Set the method and protocol (call once, before ``initialize``).
+
+        ``annotator_segs`` (case -> ``[None, path_1, ...]`` from
+        :func:`mobseg.nnunet.annotators.preprocess_annotators`) trains on a
+        random annotator per case per iteration; None = the nnU-Net label.
+        """
         self.head_cfg = head
+        self.annotator_segs = annotator_segs
         self.loss_cfg = loss
         self.seed = seed
         self.num_epochs = epochs
@@ -396,6 +403,15 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
     def _net(self) -> StochasticUNet:
         net = self.network.module if self.is_ddp else self.network
         return getattr(net, "_orig_mod", net)
+
+    def get_tr_and_val_datasets(self) -> tuple[Any, Any]:
+        """nnU-Net's datasets; the training one draws annotators when ``annotator_segs``."""
+        from mobseg.nnunet.annotators import AnnotatorDataset
+
+        ds_tr, ds_val = super().get_tr_and_val_datasets()
+        if self.annotator_segs:
+            ds_tr = AnnotatorDataset(ds_tr, self.annotator_segs)
+        return ds_tr, ds_val
 
     def get_dataloaders(self) -> tuple[Any, Any]:
         """nnU-Net's loaders; with workers, each worker gets a seed derived from ``seed``."""

@@ -84,7 +84,9 @@ class EvaluateParams:
 
     Attributes:
         organ: Target structure (study mode); None = all organs with predictions.
-        head: Only this method's runs (matched by ``head.tag()``); None = all.
+        head: Only this method's runs (matched by ``head.tag()``, the run with
+            every loss and training option at its default); None = all.
+        run: Only the run with this tag (e.g. ``mob-b3-r16-lse``); overrides ``head``.
         seed: Only this seed (study mode); None = all seeds.
         pred: Folder with ``<case>_prob.nii.gz`` (standalone mode).
         gt: Folder with ``<case>.nii.gz`` 0/1 masks (standalone mode).
@@ -101,6 +103,7 @@ class EvaluateParams:
     out: Path | None = None
     region: str = "all"
     margin: int = 10
+    run: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -108,6 +111,13 @@ class EvaluateParams:
         for k in ("pred", "gt", "out"):
             d[k] = None if d[k] is None else str(d[k])
         return d
+
+    @property
+    def tag(self) -> str | None:
+        """The run tag to select, or None for every run."""
+        if self.run is not None:
+            return self.run
+        return None if self.head is None else self.head.tag()
 
     @property
     def standalone(self) -> bool:
@@ -171,7 +181,7 @@ def _standalone(params: EvaluateParams) -> list[StageRecord]:
             "Standalone evaluation needs --pred, --gt and --out together.",
             "Example: mobseg evaluate --pred preds/ --gt labels/ --out metrics.csv",
         )
-    if params.organ is not None or params.head is not None or params.seed is not None:
+    if params.organ is not None or params.tag is not None or params.seed is not None:
         raise ConfigurationError(
             "--pred/--gt/--out (standalone) cannot be combined with --organ, --method or --seed."
         )
@@ -210,7 +220,7 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
             _organ, tag, seed = _parse_key(rec.key)
         except ValueError:
             continue
-        if params.head is not None and tag != params.head.tag():
+        if params.tag is not None and tag != params.tag:
             continue
         if params.seed is not None and seed != params.seed:
             continue
@@ -230,8 +240,8 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
         return chosen
     organ = params.organ or "<organ>"
     method = params.head.method if params.head is not None else "mob"
-    if params.head is not None and params.seed is not None:
-        key = predict_key(organ, params.head.tag(), params.seed)
+    if params.tag is not None and params.seed is not None:
+        key = predict_key(organ, params.tag, params.seed)
     else:
         key = prefix.rstrip("/") + ("" if params.organ else "/<organ>")
     raise MissingStageError(

@@ -8,6 +8,17 @@ gradient clipping, k = 5 samples, batch size 1, 20 x 250 iterations for the
 same fine-tuning without a stochastic head: the control that separates "more
 training" from "covariance model".
 
+The run's tag is :meth:`mobseg.core.config.RunConfig.tag` of :func:`run_config`:
+the head's readable tag (``mob-b3-r16``) plus a suffix for every option of
+the loss and training that differs from its default (``-lse``, ``-k8``,
+``-anti``, ``-annall``, ``-x<hash>``), so runs that differ in any option that
+changes the model never share a folder or a key. Epochs, iterations and the
+validation interval count as defaults when they equal the preset's.
+
+``annotators = "all"`` trains on a random annotator's mask per case per
+iteration (:mod:`mobseg.nnunet.annotators`); the masks are preprocessed with
+nnU-Net's preprocessing of the backbone once per organ.
+
 The run folder ``<workdir>/runs/<organ>/<tag>/seed<S>/`` holds
 ``checkpoint_latest.pth`` (every epoch), ``checkpoint_best.pth`` (best
 whole-volume validation Dice), ``checkpoint_final.pth``, ``losses.csv``,
@@ -29,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from mobseg.core.config import HeadConfig, LossConfig
+from mobseg.core.config import HeadConfig, LossConfig, RunConfig, check_annotators
 from mobseg.errors import ConfigurationError
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import finetune_key
@@ -55,6 +66,8 @@ class FinetuneParams:
         lr: AdamW learning rate.
         weight_decay: AdamW weight decay.
         val_every: Override the preset's validation interval (epochs).
+        annotators: ``0`` (the nnU-Net label) or ``all`` (a random annotator
+            per case per iteration; sources with several annotators only).
     """
 
     organ: str
@@ -68,11 +81,41 @@ class FinetuneParams:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     val_every: int | None = None
+    annotators: str = "0"
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["head"], d["loss"] = self.head.to_dict(), self.loss.to_dict()
         return d
+
+
+def run_config(params: FinetuneParams, preset: Any) -> RunConfig:
+    """The identity of the run of ``params`` under ``preset`` (the backbone's).
+
+    Epochs, iterations and validation interval equal to the preset's are the
+    defaults (None), so ``--epochs 20`` at the paper preset is the paper's run.
+    """
+
+    def own(value: int | None, default: int) -> int | None:
+        return None if value is None or value == default else value
+
+    return RunConfig(
+        head=params.head,
+        loss=params.loss,
+        lr=params.lr,
+        weight_decay=params.weight_decay,
+        epochs=own(params.epochs, preset.finetune_epochs),
+        iterations=own(params.iterations, preset.finetune_iterations),
+        val_every=own(params.val_every, preset.val_every),
+        annotators=params.annotators,
+    )
+
+
+def run_tag(params: FinetuneParams, preset: str | Any) -> str:
+    """The tag of the run of ``params`` (``preset``: the backbone's, a name or a Preset)."""
+    from mobseg.nnunet.presets import get_preset
+
+    return run_config(params, get_preset(preset) if isinstance(preset, str) else preset).tag()
 
 
 def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageRecord:
@@ -95,12 +138,13 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
             raise ConfigurationError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     if params.lr <= 0 or params.weight_decay < 0:
         raise ConfigurationError("--lr must be > 0 and --weight-decay >= 0.")
+    check_annotators(params.annotators)
     if params.preset is not None:
         get_preset(params.preset)
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ, params.preset)
     preset = get_preset(model.preset)
-    tag = params.head.tag()
+    tag = run_tag(params, preset)
     key = finetune_key(params.organ, tag, params.seed)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # the backbone was retrained: start afresh
@@ -114,16 +158,58 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
     from mobseg.nnunet.env import setup_nnunet
 
     setup_nnunet(ws, preset)
+    segs = annotator_segs(ws, manifest, params.organ, model) if params.annotators == "all" else None
     inputs = {"pretrain": model.record.key, "backbone_checkpoint": str(model.checkpoint)}
     with manifest.running("finetune", key, params.to_dict(), inputs, [model.record]) as outputs:
-        outputs.update(_finetune(params, preset, model, run_dir, device, tag))
+        outputs.update(_finetune(params, preset, model, run_dir, device, tag, segs))
     rec = manifest.get(key)
     assert rec is not None
     return rec
 
 
+def annotator_segs(
+    ws: Workspace, manifest: Manifest, organ: str, model: Any
+) -> dict[str, list[Path | None]]:
+    """The training cases' annotators 1..K-1, preprocessed like the backbone's labels.
+
+    Cached under ``<workdir>/data/<organ>/annotators/<configuration>_<plans hash>/``.
+
+    Raises:
+        ConfigurationError: a training case has a single annotator (the source
+            has no extra annotators, e.g. TotalSegmentator).
+    """
+    from mobseg.data.references import reference_masks
+    from mobseg.nnunet.annotators import cache_dir, preprocess_annotators
+    from mobseg.nnunet.context import prepared_dataset
+
+    prep, data = prepared_dataset(manifest, organ)
+    pm, cm, dataset_json = model.load()
+    channels = sorted(dataset_json.get("channel_names", {"0": ""}), key=int)
+    images, masks = {}, {}
+    for case in data.splits["train"]:
+        found = reference_masks(ws, organ, case)
+        if len(found) < 2:
+            raise ConfigurationError(
+                f"--annotators all needs several annotators per case, but case {case} of "
+                f"{organ} (source {prep.outputs.get('source')}) has one.",
+                "Train on the label (--annotators 0), or prepare a source with several "
+                "annotators (--source phantom).",
+            )
+        masks[case] = found
+        images[case] = [data.raw_dir / "imagesTr" / f"{case}_{int(c):04d}.nii.gz" for c in channels]
+    out = cache_dir(ws.data_dir(organ) / "annotators", model.plans_file, model.configuration)
+    log.info("preprocessing the annotators of %d training cases into %s", len(masks), out)
+    return preprocess_annotators(pm, cm, dataset_json, images, masks, out)
+
+
 def _finetune(
-    params: FinetuneParams, preset: Any, model: Any, run_dir: Path, device: str, tag: str
+    params: FinetuneParams,
+    preset: Any,
+    model: Any,
+    run_dir: Path,
+    device: str,
+    tag: str,
+    annotator_segs: dict[str, list[Path | None]] | None = None,
 ) -> dict[str, Any]:
     import torch
 
@@ -156,6 +242,7 @@ def _finetune(
         val_samples=preset.val_samples,
         tile_step_size=preset.tile_step_size,
         label=f"{params.organ} {tag} seed{params.seed}",
+        annotator_segs=annotator_segs,
     )
     if final.exists():
         trainer.load_checkpoint(str(final))
@@ -180,6 +267,7 @@ def _finetune(
         ),
         "best_epoch": int(meta.get("best_epoch", trainer.best_epoch)),
         "inference_mixing": params.head.mixing,
+        "annotators": params.annotators,
         "epochs": int(trainer.current_epoch),
         "preset": model.preset,
         "tag": tag,

@@ -5,8 +5,11 @@ Monte-Carlo predictor :class:`mobseg.nnunet.predictor.MCPredictor` (one
 backbone pass per tile, k samples from the head, stitched moments), and the
 export of :mod:`mobseg.nnunet.export` back to the CT's exact grid.
 
-Which model: the fine-tuned run of ``params.head`` and ``params.seed`` (its
-``checkpoint_best.pth``, selected by validation Dice), or with
+Which model: the fine-tuned run of ``params.seed`` tagged ``params.run``
+(the tag ``mobseg finetune`` printed, e.g. ``mob-b3-r16-lse``; its head is
+then read from the finetune record) or, without ``run``, ``params.head.tag()``
+(the run with every loss and training option at its default); its
+``checkpoint_best.pth``, selected by validation Dice. Or with
 ``params.backbone`` the pretrained backbone itself (the paper's
 "Deterministic" row), registered under the tag ``backbone`` and seed 0.
 
@@ -32,12 +35,12 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from mobseg.core.config import HeadConfig
-from mobseg.errors import ConfigurationError, InvalidInputError
+from mobseg.core.config import MIXING_MODES, HeadConfig
+from mobseg.errors import ConfigurationError, InvalidInputError, UnknownNameError
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import finetune_command, finetune_key, predict_key
 from mobseg.workspace import Workspace
@@ -69,6 +72,9 @@ class PredictParams:
             in 2^22 values per class.
         save_samples: S joint samples written per case as label maps (for GED
             and sample diversity); 0 = none. Ignored for point-mass models.
+        run: Tag of the fine-tuned run (``RunConfig.tag``); None = ``head.tag()``.
+        inference_mixing: ``soft`` or ``hard`` mixing of the bases at
+            inference (mob); None = the one the checkpoint recorded.
     """
 
     organ: str
@@ -82,10 +88,14 @@ class PredictParams:
     backbone: bool = False
     chunk: int | None = None
     save_samples: int = 0
+    run: str | None = None
+    inference_mixing: str | None = None
 
     @property
     def tag(self) -> str:
-        return BACKBONE_TAG if self.backbone else self.head.tag()
+        if self.backbone:
+            return BACKBONE_TAG
+        return self.run if self.run is not None else self.head.tag()
 
     @property
     def run_seed(self) -> int:
@@ -204,6 +214,8 @@ def run(
         raise ConfigurationError(f"chunk must be >= 1, got {params.chunk}.")
     if params.save_samples < 0:
         raise ConfigurationError(f"--save-samples must be >= 0, got {params.save_samples}.")
+    if params.inference_mixing not in (None, *MIXING_MODES):
+        raise UnknownNameError("mixing mode", str(params.inference_mixing), MIXING_MODES)
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)
     tag, seed = params.tag, params.run_seed
@@ -215,6 +227,9 @@ def run(
             finetune_command(params.organ, params.head.method, seed),
         )
         checkpoint = Path(source.outputs["checkpoint_best"])
+        recorded = source.params.get("head")
+        if params.run is not None and recorded and HeadConfig(**recorded) != params.head:
+            params = replace(params, head=HeadConfig(**recorded))  # the run's own head
     key = key or predict_key(params.organ, tag, seed)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # a new model: predict every case again
@@ -304,7 +319,11 @@ def predict_files(
         head_cfg = params.head
         network = build_network(pm, cm, channels, num_classes, head_cfg, deep_supervision=False)
         load_full(network, ckpt)
-        mixing = ckpt.get("mobseg", {}).get("inference_mixing", head_cfg.mixing)
+        mixing = params.inference_mixing or ckpt.get("mobseg", {}).get(
+            "inference_mixing", head_cfg.mixing
+        )
+        if hasattr(network.head, "mixing"):
+            network.head.mixing = mixing  # mob: the recorded mixing unless overridden
     point_mass = not head_cfg.stochastic
     network = network.to(torch.device(device)).eval()
     predictor = MCPredictor(

@@ -6,7 +6,8 @@ is one call ``mobseg.stages.<stage>.run(Workspace(root), params, force)``, so
 the manifest (file-locked, atomic writes) is the only state shared between
 worker processes and cluster nodes.
 
-Dependencies, per organ ``o``, tag ``t`` (``HeadConfig.tag()``) and seed ``s``::
+Dependencies, per organ ``o``, tag ``t`` (the fine-tuning's ``RunConfig.tag()``,
+see :func:`mobseg.stages.finetune.run_tag`) and seed ``s``::
 
     prepare/o -> pretrain/o -> finetune/o/t/seed<s> -> predict/o/t/seed<s> -> evaluate/o/t/seed<s>
     pretrain/o -> predict/o/backbone/seed0 -> evaluate/o/backbone/seed0
@@ -478,6 +479,20 @@ def _finetune_params(spec: StudySpec, organ: str, head: HeadConfig, seed: int) -
     )
 
 
+def run_tag(spec: StudySpec, organ: str, head: HeadConfig) -> str:
+    """Tag of the fine-tuned run of ``head`` in the study (head tag + loss/training suffix)."""
+    from mobseg.stages.finetune import run_tag as finetune_tag
+
+    return finetune_tag(_finetune_params(spec, organ, head, 0), spec.preset)
+
+
+def _run_option(head: HeadConfig | None, tag: str | None) -> dict[str, Any]:
+    """``run=tag`` for the predict/evaluate params when the tag is not the head's own."""
+    if head is None or tag is None or tag == head.tag():
+        return {}
+    return {"run": tag}
+
+
 def _predict_params(
     spec: StudySpec,
     organ: str,
@@ -485,6 +500,7 @@ def _predict_params(
     seed: int,
     input: Path | None = None,
     out: Path | None = None,
+    tag: str | None = None,
 ) -> Any:
     """Params of a prediction; ``head=None`` predicts with the pretrained backbone."""
     from mobseg.stages.predict import PredictParams
@@ -503,27 +519,30 @@ def _predict_params(
         kwargs["backbone"] = True
     else:
         kwargs["head"] = head
-    return PredictParams(**kwargs)
+    return PredictParams(**kwargs, **_run_option(head, tag))
 
 
-def _evaluate_params(organ: str, head: HeadConfig | None, seed: int) -> Any:
+def _evaluate_params(organ: str, head: HeadConfig | None, seed: int, tag: str | None = None) -> Any:
     """Params of one run's evaluation (``head=None``: the backbone, see :func:`_evaluate_job`)."""
     from mobseg.stages.evaluate import EvaluateParams
 
-    return EvaluateParams(organ=organ, head=head, seed=seed)
+    return EvaluateParams(organ=organ, head=head, seed=seed, **_run_option(head, tag))
 
 
-def _evaluate_job(organ: str, head: HeadConfig | None, seed: int, pk: str) -> Job:
+def _evaluate_job(
+    organ: str, head: HeadConfig | None, seed: int, pk: str, tag: str | None = None
+) -> Job:
     """The evaluation of one run; the backbone's goes through the study's adapter.
 
-    ``evaluate.run`` selects runs by ``head.tag()`` and seed; it has no way to
-    select the backbone alone, so :func:`mobseg.study.adapters.evaluate_backbone`
-    evaluates exactly ``predict/<organ>/backbone/seed0``.
+    ``evaluate.run`` selects runs by tag (``tag``, default ``head.tag()``) and
+    seed; it has no way to select the backbone alone, so
+    :func:`mobseg.study.adapters.evaluate_backbone` evaluates exactly
+    ``predict/<organ>/backbone/seed0``.
     """
-    tag = BACKBONE_TAG if head is None else head.tag()
+    tag = BACKBONE_TAG if head is None else (tag or head.tag())
     key = keys.evaluate_key(organ, tag, seed)
     runner = "mobseg.study.adapters:evaluate_backbone" if head is None else ""
-    params = _evaluate_params(organ, head, seed)
+    params = _evaluate_params(organ, head, seed, tag)
     return Job(
         "evaluate", key, params, (pk,), runner=runner, gpus=0, organ=organ, tag=tag, seed=seed
     )
@@ -565,7 +584,7 @@ def expand(spec: StudySpec) -> Plan:
 
     evaluations: list[str] = []
     for organ, head in configs:
-        tag = head.tag()
+        tag = run_tag(spec, organ, head)
         for seed in spec.seed_list:
             fk = keys.finetune_key(organ, tag, seed)
             pk = keys.predict_key(organ, tag, seed)
@@ -580,8 +599,9 @@ def expand(spec: StudySpec) -> Plan:
                     **where,
                 )
             )
-            plan.add(Job("predict", pk, _predict_params(spec, organ, head, seed), (fk,), **where))
-            plan.add(_evaluate_job(organ, head, seed, pk))
+            pp = _predict_params(spec, organ, head, seed, tag=tag)
+            plan.add(Job("predict", pk, pp, (fk,), **where))
+            plan.add(_evaluate_job(organ, head, seed, pk, tag))
             if ek not in evaluations:
                 evaluations.append(ek)
 
@@ -608,7 +628,8 @@ def expand(spec: StudySpec) -> Plan:
             head, tag, dep = None, BACKBONE_TAG, keys.pretrain_key(organ)
         else:
             head = spec.head(extra.method)
-            tag, dep = head.tag(), keys.finetune_key(organ, head.tag(), extra.seed)
+            tag = run_tag(spec, organ, head)
+            dep = keys.finetune_key(organ, tag, extra.seed)
         if dep not in plan:
             raise ConfigurationError(
                 f"The extra prediction with {tag} seed {extra.seed} needs a run the study "
@@ -616,7 +637,7 @@ def expand(spec: StudySpec) -> Plan:
             )
         from mobseg.study.adapters import OutsidePrediction
 
-        params = _predict_params(spec, organ, head, extra.seed, extra.input, extra.out)
+        params = _predict_params(spec, organ, head, extra.seed, extra.input, extra.out, tag)
         key = extra_prediction_key(organ, extra, tag)
         runner = "mobseg.study.adapters:predict_outside"
         plan.add(Job("predict", key, OutsidePrediction(key, params), (dep,), runner=runner))

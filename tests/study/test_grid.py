@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from mobseg.core.config import METHOD_NAMES, HeadConfig
+from mobseg.core.config import METHOD_NAMES, HeadConfig, LossConfig, RunConfig
 from mobseg.errors import ConfigurationError, UnknownNameError
 from mobseg.manifest import StageRecord
 from mobseg.stages.evaluate import EvaluateParams
@@ -112,17 +112,19 @@ def test_params_carry_the_spec() -> None:
     assert isinstance(pt, PretrainParams)
     assert (pt.preset, pt.num_gpus, pt.device) == ("cpu", 4, "cpu")
     assert plan["pretrain/pancreas"].gpus == 4
-    tag = HeadConfig("mob", rank=8, bases=2, partitions=2).tag()
-    assert tag == "mob-b2-r8-p2"
+    head = HeadConfig("mob", rank=8, bases=2, partitions=2)
+    # k = 4 and the 3 x 7 schedule (the cpu preset's is 4 x 25) are part of the run's identity
+    tag = RunConfig(head, LossConfig(samples=4), epochs=3, iterations=7).tag()
+    assert tag.startswith("mob-b2-r8-p2-k4-x") and len(tag) == len("mob-b2-r8-p2-k4-x") + 8
     ft = plan[f"finetune/pancreas/{tag}/seed0"].params
     assert isinstance(ft, FinetuneParams)
     assert (ft.epochs, ft.iterations, ft.loss.samples, ft.preset) == (3, 7, 4, "cpu")
     pr = plan[f"predict/pancreas/{tag}/seed0"].params
     assert isinstance(pr, PredictParams)
-    assert (pr.samples, pr.head.tag()) == (9, tag)
+    assert (pr.samples, pr.head, pr.tag) == (9, head, tag)
     ev = plan[f"evaluate/pancreas/{tag}/seed0"].params
     assert isinstance(ev, EvaluateParams)
-    assert (ev.organ, ev.seed, ev.head.tag()) == ("pancreas", 0, tag)
+    assert (ev.organ, ev.seed, ev.head, ev.tag) == ("pancreas", 0, head, tag)
 
 
 def test_prepare_keeps_its_defaults_unless_the_spec_sets_them() -> None:
