@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -231,3 +232,80 @@ def test_target_validation() -> None:
     a = loss(dist, torch.ones(2, 4, 4, dtype=torch.long)).as_dict()
     b = loss(dist, torch.ones(2, 1, 4, 4)).as_dict()
     assert a == b
+
+
+# --------------------------------------------- the SSN objective against numpy
+def _numpy_ssn(samples: np.ndarray, labels: np.ndarray) -> float:
+    """-(1/N) log (1/k) sum_i exp(sum_n log p_i(y_n)), averaged over the patches, in numpy."""
+    from scipy.special import log_softmax, logsumexp
+
+    k, b, c = samples.shape[:3]
+    logp = log_softmax(samples.reshape(k, b, c, -1), axis=2)  # (k, B, C, N)
+    y = labels.reshape(b, -1)
+    picked = np.take_along_axis(logp, np.broadcast_to(y[None, :, None], (k, b, 1, y.shape[1])), 2)
+    loglik = picked[:, :, 0].sum(-1)  # (k, B): whole-patch log-likelihood of each sample
+    per_patch = -(logsumexp(loglik, axis=0) - np.log(k)) / y.shape[1]
+    return float(per_patch.mean())
+
+
+@pytest.mark.parametrize(
+    ("method", "classes", "k", "antithetic"),
+    [
+        ("diagonal", 2, 1, False),
+        ("lowrank", 2, 3, False),
+        ("mob", 3, 4, True),
+        ("lowrank", 4, 6, True),
+    ],
+)
+def test_logsumexp_objective_against_numpy(method, classes, k, antithetic) -> None:
+    """The loss on the samples it drew equals the SSN objective computed independently;
+    antithetic samples are the pairs mu + e, mu - e."""
+    params = random_params(method, 2, classes, (3, 4, 2), dtype=torch.float64, seed=k)
+    dist = build(method, params)
+    seen: list[torch.Tensor] = []
+    original = dist.rsample
+
+    def spy(*args, **kwargs):
+        out = original(*args, **kwargs)
+        seen.append(out.detach().clone())
+        return out
+
+    dist.rsample = spy  # type: ignore[method-assign]
+    target = torch.randint(0, classes, (2, 1, 3, 4, 2), generator=torch.Generator().manual_seed(k))
+    cfg = LossConfig(samples=k, mc_loss="logsumexp", antithetic=antithetic, lambda_dice=0.0)
+    terms = StochasticSegLoss(cfg)(dist, target, generator=torch.Generator().manual_seed(1))
+    (samples,) = seen
+    assert samples.shape == (k, 2, classes, 3, 4, 2)
+    want = _numpy_ssn(samples.numpy(), target[:, 0].numpy())
+    assert float(terms.ce) == pytest.approx(want, rel=1e-9)
+    assert float(terms.data) == pytest.approx(want, rel=1e-9)  # lambda_dice = 0
+    if antithetic:
+        mu = params["mu"].expand(k // 2, *params["mu"].shape)
+        torch.testing.assert_close(samples[: k // 2] - mu, -(samples[k // 2 :] - mu))
+        assert not torch.allclose(samples[: k // 2], mu)
+    if k == 1:  # one sample: the per-voxel mean CE of that sample
+        ce = F.cross_entropy(samples[0], target[:, 0].long())
+        assert float(terms.ce) == pytest.approx(float(ce), rel=1e-9)
+
+
+def test_logsumexp_rewards_one_good_sample_the_mean_does_not() -> None:
+    """Two samples, one right and one wrong everywhere: logsumexp ~ -(log 1/2 + N log p_good)/N,
+    i.e. about the good sample's CE (+ ln2 / N), while the mean is the average of both."""
+    n = 8
+    good, bad = 4.0, -4.0  # logit of the true class (class 1) vs 0
+    samples = torch.zeros(2, 1, 2, 2, n // 2, dtype=torch.float64)
+    samples[0, 0, 1], samples[1, 0, 1] = good, bad
+    target = torch.ones(1, 1, 2, n // 2, dtype=torch.long)
+
+    class Fixed(DeterministicLogits):
+        is_deterministic = False
+
+        def rsample(self, k, antithetic=False, generator=None):
+            return samples
+
+    dist = Fixed(samples[0])
+    lse = StochasticSegLoss(LossConfig(samples=2, mc_loss="logsumexp", lambda_dice=0))(dist, target)
+    mean = StochasticSegLoss(LossConfig(samples=2, lambda_dice=0))(dist, target)
+    ce_good, ce_bad = math.log1p(math.exp(-good)), math.log1p(math.exp(good))
+    assert float(lse.ce) == pytest.approx(ce_good + math.log(2) / n, rel=1e-6)
+    assert float(mean.ce) == pytest.approx((ce_good + ce_bad) / 2, rel=1e-9)

@@ -50,9 +50,9 @@ def test_preset_must_match_the_backbone(micro_ws: Workspace) -> None:
 
 def test_outputs_and_no_redo(micro_ws: Workspace) -> None:
     rec = finetune.run(micro_ws, _params("single-basis", 3))
-    assert rec.key == "finetune/pancreas/single-basis-r4/seed3"
+    assert rec.key == "finetune/pancreas/single-basis-r4-k3/seed3"  # k = 3, not the default 5
     out = rec.outputs
-    assert out["run_dir"] == str(micro_ws.run_dir("pancreas", "single-basis-r4", 3))
+    assert out["run_dir"] == str(micro_ws.run_dir("pancreas", "single-basis-r4-k3", 3))
     for name in ("checkpoint_best", "checkpoint_final", "losses_csv", "progress_png"):
         assert Path(out[name]).is_file(), name
     assert not (Path(out["run_dir"]) / "checkpoint_latest.pth").exists()
@@ -97,7 +97,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     from mobseg.nnunet.trainer import FinetuneTrainer
 
     params = _params("mob", 5, epochs=2, iterations=2)
-    run_dir = micro_ws.run_dir("pancreas", params.head.tag(), 5)
+    tag = finetune.run_tag(params, "micro")
+    run_dir = micro_ws.run_dir("pancreas", tag, 5)
     original = FinetuneTrainer.save_checkpoint
     calls: list[int] = []
 
@@ -111,7 +112,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(
     with pytest.raises(_Interrupt):
         finetune.run(micro_ws, params)
     monkeypatch.setattr(FinetuneTrainer, "save_checkpoint", original)
-    key = "finetune/pancreas/mob-b2-r4-p2/seed5"
+    key = "finetune/pancreas/mob-b2-r4-p2-k3/seed5"  # 2 x 2 is the micro preset's schedule
     assert Manifest(micro_ws.manifest_path).get(key).status == "running"
     latest = torch.load(run_dir / "checkpoint_latest.pth", map_location="cpu", weights_only=False)
     assert calls == [1] and latest["current_epoch"] == 1
@@ -130,7 +131,147 @@ def test_interrupted_run_resumes_from_its_checkpoint(
 
     model = pretrained_model(Manifest(micro_ws.manifest_path), "pancreas")
     other = micro_ws.root / "uninterrupted"
-    finetune._finetune(params, get_preset("micro"), model, other, "cpu", params.head.tag())
+    finetune._finetune(params, get_preset("micro"), model, other, "cpu", tag)
     straight = torch.load(other / "checkpoint_final.pth", map_location="cpu", weights_only=False)
     for k, v in straight["network_weights"].items():
         torch.testing.assert_close(resumed["network_weights"][k], v, rtol=1e-5, atol=1e-6)
+
+
+# -- the run's identity: a different objective is a different run ------------------------
+def _mob(**loss) -> finetune.FinetuneParams:
+    head = HeadConfig("mob", rank=2, bases=2, partitions=2)
+    return finetune.FinetuneParams(
+        "pancreas", head=head, loss=LossConfig(samples=2, **loss), seed=7, device="cpu"
+    )
+
+
+def test_logsumexp_after_a_finished_mean_run_is_a_new_run(micro_ws: Workspace) -> None:
+    """It used to return the mean run's record (same key); now it trains its own run."""
+    mean = finetune.run(micro_ws, _mob())
+    mtime = Path(mean.outputs["checkpoint_final"]).stat().st_mtime_ns
+    lse = finetune.run(micro_ws, _mob(mc_loss="logsumexp"))
+    assert mean.key == "finetune/pancreas/mob-b2-r2-p2-k2/seed7"
+    assert lse.key == "finetune/pancreas/mob-b2-r2-p2-lse-k2/seed7"
+    assert lse.outputs["run_dir"] != mean.outputs["run_dir"]
+    assert lse.params["loss"]["mc_loss"] == "logsumexp"
+    ckpt = torch.load(lse.outputs["checkpoint_final"], map_location="cpu", weights_only=False)
+    assert ckpt["mobseg"]["loss"]["mc_loss"] == "logsumexp"
+    # both coexist; the mean run is untouched
+    manifest = Manifest(micro_ws.manifest_path)
+    assert manifest.get(mean.key).done and manifest.get(lse.key).done
+    assert Path(mean.outputs["checkpoint_final"]).stat().st_mtime_ns == mtime
+    # antithetic pairs: a third run
+    anti = finetune.run(micro_ws, _mob(antithetic=True))
+    assert anti.key == "finetune/pancreas/mob-b2-r2-p2-k2-anti/seed7"
+
+
+def test_the_presets_schedule_is_the_default(micro_ws: Workspace) -> None:
+    """--epochs/--iterations equal to the preset's do not change the tag; others do."""
+    same = finetune.run_tag(_mob(), "micro")
+    explicit = finetune.FinetuneParams(**{**_mob().__dict__, "epochs": 2, "iterations": 2})
+    shorter = finetune.FinetuneParams(**{**_mob().__dict__, "epochs": 1})
+    faster = finetune.FinetuneParams(**{**_mob().__dict__, "lr": 3e-4})
+    assert finetune.run_tag(explicit, "micro") == same
+    tags = {same, finetune.run_tag(shorter, "micro"), finetune.run_tag(faster, "micro")}
+    assert len(tags) == 3
+    assert finetune.run_tag(explicit, "paper") != same  # 2 x 2 is not the paper's 20 x 250
+
+
+# -- several annotators ------------------------------------------------------------------
+def _annotators_all() -> finetune.FinetuneParams:
+    head = HeadConfig("diagonal")
+    return finetune.FinetuneParams(
+        "pancreas", head=head, seed=2, device="cpu", annotators="all", iterations=8
+    )
+
+
+def test_annotator_preprocessing_is_nnunets(micro_ws: Workspace, tmp_path: Path) -> None:
+    """Annotator 0 (the label) through our preprocessing equals nnU-Net's stored segmentation."""
+    import numpy as np
+    from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+    from mobseg.nnunet.annotators import preprocess_annotators
+    from mobseg.nnunet.context import prepared_dataset, pretrained_model
+    from mobseg.nnunet.env import setup_nnunet
+    from mobseg.nnunet.presets import get_preset
+
+    setup_nnunet(micro_ws, get_preset("micro"))
+    manifest = Manifest(micro_ws.manifest_path)
+    model = pretrained_model(manifest, "pancreas")
+    _, data = prepared_dataset(manifest, "pancreas")
+    pm, cm, dataset_json = model.load()
+    cases = data.splits["train"][:2]
+    images = {c: [data.raw_dir / "imagesTr" / f"{c}_0000.nii.gz"] for c in cases}
+    label = {c: data.raw_dir / "labelsTr" / f"{c}.nii.gz" for c in cases}
+    segs = preprocess_annotators(
+        pm, cm, dataset_json, images, {c: [label[c], label[c]] for c in cases}, tmp_path
+    )
+    folder = model.plans_file.parent / cm.data_identifier
+    ds = infer_dataset_class(str(folder))(str(folder), cases)
+    for c in cases:
+        assert segs[c][0] is None and segs[c][1] == tmp_path / f"{c}_a1.npy"
+        _, stored, _, _ = ds.load_case(c)
+        ours = np.load(segs[c][1])
+        assert ours.shape == stored.shape and ours.shape[1:] != (32, 32, 32)  # resampled
+        np.testing.assert_array_equal(ours, np.asarray(stored[:]))
+
+
+def test_annotators_all_trains_on_several_annotators(
+    micro_ws: Workspace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import numpy as np
+
+    from mobseg.nnunet.context import pretrained_model
+    from mobseg.nnunet.presets import get_preset
+    from mobseg.nnunet.trainer import FinetuneTrainer
+
+    params = _annotators_all()
+    rec = finetune.run(micro_ws, params)
+    assert rec.key.startswith("finetune/pancreas/diagonal-annall-x") and rec.done
+    assert rec.outputs["annotators"] == "all"
+    # The phantom's annotators 1 and 2 replaced by masks that give themselves away:
+    # annotator 1 marks nothing, annotator 2 everything (inside the image).
+    manifest = Manifest(micro_ws.manifest_path)
+    model = pretrained_model(manifest, "pancreas")
+    segs = finetune.annotator_segs(micro_ws, manifest, "pancreas", model)
+    marked: dict[str, list[Path | None]] = {}
+    for case, files in segs.items():
+        assert len(files) == 3 and files[0] is None
+        real = np.load(files[1])
+        for k, fill in ((1, 0), (2, 1)):
+            np.save(tmp_path / f"{case}_a{k}.npy", np.where(real >= 0, fill, real).astype(np.int16))
+        marked[case] = [None, tmp_path / f"{case}_a1.npy", tmp_path / f"{case}_a2.npy"]
+    seen: list[tuple[str, str]] = []
+    original = FinetuneTrainer.train_step
+
+    def spy(self: FinetuneTrainer, batch: dict) -> dict:
+        target = batch["target"][0] if isinstance(batch["target"], list) else batch["target"]
+        valid = target[target >= 0]
+        frac = float((valid > 0).float().mean())
+        kind = "none" if frac == 0 else "all" if frac > 0.6 else "label"
+        seen.append((str(batch["keys"][0]), kind))
+        return original(self, batch)
+
+    monkeypatch.setattr(FinetuneTrainer, "train_step", spy)
+    out = tmp_path / "run"
+    finetune._finetune(params, get_preset("micro"), model, out, "cpu", "spy", marked)
+    assert len(seen) == 16
+    kinds = {k for _, k in seen}
+    assert kinds == {"none", "all", "label"}, seen
+    per_case: dict[str, set[str]] = {}
+    for case, kind in seen:
+        per_case.setdefault(case, set()).add(kind)
+    assert max(len(v) for v in per_case.values()) >= 2, per_case
+
+
+def test_annotators_all_needs_several_annotators(
+    micro_ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mobseg.data import references
+
+    monkeypatch.setattr(references, "reference_masks", lambda ws, organ, case: [Path("a.nii.gz")])
+    params = finetune.FinetuneParams(
+        "pancreas", head=HeadConfig("diagonal"), seed=9, device="cpu", annotators="all"
+    )
+    with pytest.raises(ConfigurationError, match="needs several annotators per case"):
+        finetune.run(micro_ws, params)
