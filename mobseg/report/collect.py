@@ -10,7 +10,9 @@ Rows (one per run configuration, i.e. per tag):
 - ``backbone``: the pretrained nnU-Net, the paper's "Deterministic" row;
 - one *canonical* row per method: the paper's configuration (the method's
   default tag, e.g. ``mob-b3-r16``), or the method's only tag when the
-  default was not run; it carries the paper's published values;
+  default was not run and that tag has no loss or training suffix (a
+  ``mob-b3-r16-lse`` run is never shown as the paper's row); it carries the
+  paper's published values;
 - every other tag (ablations such as ``mob-b5-r16``, the fine-tuned
   deterministic control) as its own row, labelled with the tag.
 
@@ -55,6 +57,8 @@ class RunResult:
         reliability: Pooled reliability bins, or None.
         pred_dir: The prediction folder (for case panels), or None.
         key: The evaluate record's key.
+        variant: The tag carries a loss or training suffix (``-lse``, ``-k8``,
+            ``-x<hash>``...; :meth:`mobseg.core.config.RunConfig.tag`).
     """
 
     organ: str
@@ -67,6 +71,7 @@ class RunResult:
     reliability: ReliabilityBins | None = None
     pred_dir: Path | None = None
     key: str = ""
+    variant: bool = False
 
     def value(self, name: str) -> float:
         """A summary number as float (NaN when missing)."""
@@ -131,7 +136,8 @@ class StudyResults:
 
     def rows(self) -> list[RowKey]:
         """Table rows: the five paper rows always, then every other tag that was run."""
-        return row_keys({(r.tag, r.method, r.bases) for r in self.runs})
+        variants = {r.tag for r in self.runs if r.variant}
+        return row_keys({(r.tag, r.method, r.bases) for r in self.runs}, variants)
 
     def group(self, organ: str, tag: str, roi: bool = False) -> list[RunResult]:
         """Runs of one organ and tag, by seed."""
@@ -157,8 +163,13 @@ def _tag_sort_key(tag: str, bases: int | None) -> tuple[int, str]:
     return (bases if bases is not None else 0, tag)
 
 
-def row_keys(present: set[tuple[str, str, int | None]]) -> list[RowKey]:
-    """Rows for the tags in ``present`` ((tag, method, bases) triples), in table order."""
+def row_keys(
+    present: set[tuple[str, str, int | None]], variants: set[str] | frozenset[str] = frozenset()
+) -> list[RowKey]:
+    """Rows for the tags in ``present`` ((tag, method, bases) triples), in table order.
+
+    Tags in ``variants`` (loss or training suffix) never stand in for the paper's row.
+    """
     by_method: dict[str, dict[str, int | None]] = {m: {} for m in METHOD_NAMES}
     for tag, method, bases in present:
         if tag == BACKBONE_TAG:
@@ -173,7 +184,8 @@ def row_keys(present: set[tuple[str, str, int | None]]) -> list[RowKey]:
             continue
         default = HeadConfig(method).tag()
         label = METHOD_LABELS[method]
-        canonical = default if (default in tags or len(tags) != 1) else next(iter(tags))
+        only = next(iter(tags)) if len(tags) == 1 else None
+        canonical = only if (only is not None and only not in variants) else default
         rows.append(RowKey(canonical, method, label, label))
         others = sorted(
             (t for t in tags if t != canonical), key=lambda t: _tag_sort_key(t, tags[t])
@@ -203,6 +215,11 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
         log.warning("Ignoring %s: unknown method %r.", rec.key, method)
         return None
     bases = rec.params.get("bases") if method == "mob" else None
+    head = rec.params.get("head")
+    try:
+        variant = bool(head) and tag != HeadConfig(**head).tag()
+    except (TypeError, ValueError):
+        variant = False
     run = RunResult(
         organ=organ,
         tag=tag,
@@ -212,6 +229,7 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
         summary=dict(rec.outputs.get("summary") or {}),
         pred_dir=_resolve(ws, rec.outputs.get("pred_dir")),
         key=rec.key,
+        variant=variant,
     )
     csv_path = _resolve(ws, rec.outputs.get("metrics_csv"))
     if csv_path is not None and csv_path.is_file():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,20 +139,19 @@ def test_default_input_is_the_test_split_and_interrupted_runs_resume(micro_ws: W
 
 
 def test_other_options_redo_every_case_and_drop_extra_samples(micro_ws: Workspace) -> None:
-    from dataclasses import replace
-
     from mobseg.core.config import LossConfig
     from mobseg.stages import finetune
 
     head = HeadConfig("diagonal")
-    finetune.run(
+    ft = finetune.run(
         micro_ws,
         finetune.FinetuneParams(
             "pancreas", head=head, loss=LossConfig(samples=2), seed=11, device="cpu", epochs=1
         ),
     )
+    tag = ft.key.split("/")[2]  # diagonal-k2-x<hash>: k and the schedule are not the defaults
     three = predict.PredictParams(
-        "pancreas", head=head, seed=11, samples=2, save_samples=3, device="cpu"
+        "pancreas", head=head, seed=11, samples=2, save_samples=3, device="cpu", run=tag
     )
     rec = predict.run(micro_ws, three)
     out = Path(rec.outputs["pred_dir"])
@@ -177,3 +177,58 @@ def test_other_options_redo_every_case_and_drop_extra_samples(micro_ws: Workspac
         for suffix in ("seg", "prob", "var", "sample0"):
             path = out / f"{case}_{suffix}.nii.gz"
             assert path.stat().st_mtime_ns != mtimes[path], path  # predicted again
+
+
+def test_a_variant_run_by_its_tag_and_the_recorded_mixing(
+    micro_ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--run finds a run whose tag has a loss suffix and builds the run's own head; the
+    mixing recorded in its checkpoint is used unless --inference-mixing overrides it."""
+    import torch
+
+    from mobseg.core.config import LossConfig
+    from mobseg.stages import finetune
+
+    head = HeadConfig("mob", rank=2, bases=2, partitions=2)
+    ft = finetune.run(
+        micro_ws,
+        finetune.FinetuneParams(
+            "pancreas",
+            head=head,
+            loss=LossConfig(samples=2, mc_loss="logsumexp"),
+            seed=12,
+            device="cpu",
+        ),
+    )
+    tag = ft.key.split("/")[2]
+    assert tag == "mob-b2-r2-p2-lse-k2"
+    with pytest.raises(MissingStageError):  # the head alone names the default run
+        predict.run(micro_ws, predict.PredictParams("pancreas", head=head, seed=12, device="cpu"))
+    # the network's mixing when prediction starts
+    from mobseg.nnunet.predictor import MCPredictor
+
+    used: list[str] = []
+    setup = MCPredictor.setup
+
+    def spy(self, network, *args, **kwargs):
+        used.append(network.head.mixing)
+        return setup(self, network, *args, **kwargs)
+
+    monkeypatch.setattr(MCPredictor, "setup", spy)
+    # the CLI's default head (mob-b3-r16) with --run: the run's own head is used
+    params = predict.PredictParams("pancreas", seed=12, samples=4, device="cpu", run=tag)
+    soft = predict.run(micro_ws, params)
+    assert soft.key == f"predict/pancreas/{tag}/seed12"
+    assert soft.params["head"] == head.to_dict() and soft.outputs["mixing"] == "soft"
+    hard = predict.run(micro_ws, replace(params, inference_mixing="hard"))
+    assert hard.outputs["mixing"] == "hard" and hard.key == soft.key
+    assert used == ["soft", "hard"]
+    # a checkpoint that recorded hard mixing is predicted hard without an override
+    ckpt_path = Path(ft.outputs["checkpoint_best"])
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ckpt["mobseg"]["inference_mixing"] = "hard"
+    torch.save(ckpt, ckpt_path)
+    again = predict.run(micro_ws, params, force=True)
+    assert again.outputs["mixing"] == "hard" and used[-1] == "hard"
+    with pytest.raises(Exception, match="mixing mode"):
+        predict.run(micro_ws, replace(params, inference_mixing="medium"))
