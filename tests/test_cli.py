@@ -121,3 +121,34 @@ def test_help_does_not_import_torch() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_run_identity_options_reach_the_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """finetune's loss and annotator options, predict's and evaluate's --run."""
+    from mobseg.stages import evaluate, finetune, predict
+
+    got: dict[str, object] = {}
+
+    def keep(name: str, result: object = None):
+        return lambda ws, p, force=False: (got.__setitem__(name, p), result)[1]
+
+    monkeypatch.setattr(finetune, "run", keep("ft"))
+    monkeypatch.setattr(predict, "run", keep("pr"))
+    monkeypatch.setattr(evaluate, "run", keep("ev", []))
+    base = ["--workdir", str(tmp_path)]
+    args = ["finetune", "-o", "pancreas", "--mc-loss", "logsumexp", "--samples", "6"]
+    args += ["--antithetic", "--annotators", "all", "--lr", "3e-4", "--lambda-kl", "1e-3"]
+    assert runner.invoke(app, base + args).exit_code == 0
+    ft = got["ft"]
+    assert (ft.loss.mc_loss, ft.loss.samples, ft.loss.antithetic) == ("logsumexp", 6, True)
+    assert (ft.annotators, ft.lr, ft.loss.lambda_kl) == ("all", 3e-4, 1e-3)
+    args = ["predict", "-o", "pancreas", "--run", "mob-b3-r16-lse", "--inference-mixing", "hard"]
+    assert runner.invoke(app, base + args).exit_code == 0
+    assert (got["pr"].tag, got["pr"].inference_mixing) == ("mob-b3-r16-lse", "hard")
+    args = ["evaluate", "-o", "pancreas", "--run", "mob-b3-r16-lse"]
+    assert runner.invoke(app, base + args).exit_code == 0
+    assert got["ev"].tag == "mob-b3-r16-lse"
+    bad = runner.invoke(app, [*base, "finetune", "-o", "pancreas", "--annotators", "some"])
+    assert bad.exit_code == 1 and "Unknown annotator choice 'some'" in bad.output

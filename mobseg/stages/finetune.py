@@ -83,6 +83,9 @@ class FinetuneParams:
     val_every: int | None = None
     annotators: str = "0"
 
+    def __post_init__(self) -> None:
+        check_annotators(self.annotators)
+
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
         d["head"], d["loss"] = self.head.to_dict(), self.loss.to_dict()
@@ -138,7 +141,6 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
             raise ConfigurationError(f"--{name.replace('_', '-')} must be >= 1, got {value}.")
     if params.lr <= 0 or params.weight_decay < 0:
         raise ConfigurationError("--lr must be > 0 and --weight-decay >= 0.")
-    check_annotators(params.annotators)
     if params.preset is not None:
         get_preset(params.preset)
     manifest = Manifest(ws.manifest_path)
