@@ -87,9 +87,7 @@ def test_hash_suffix_is_the_sha256_of_the_non_default_options() -> None:
     import json
 
     cfg = RunConfig(HeadConfig("lowrank"), LossConfig(lambda_kl=1e-3), lr=3e-4, epochs=3)
-    text = json.dumps({"epochs": 3, "lambda_kl": 1e-3, "lr": 3e-4}, sort_keys=True).replace(
-        " ", ""
-    )
+    text = json.dumps({"epochs": 3, "lambda_kl": 1e-3, "lr": 3e-4}, sort_keys=True).replace(" ", "")
     assert cfg.tag() == "lowrank-r16-x" + hashlib.sha256(text.encode()).hexdigest()[:8]
     assert RunConfig(HeadConfig("lowrank"), LossConfig(lambda_kl=1e-3)).tag() != cfg.tag()
 
