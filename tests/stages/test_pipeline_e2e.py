@@ -19,12 +19,13 @@ from typer.testing import CliRunner
 from mobseg.cli import app
 from mobseg.manifest import Manifest
 
+#: method -> the run's tag with --samples 3 (k is part of a stochastic run's identity)
 METHODS = {
     "deterministic": "deterministic",
-    "diagonal": "diagonal",
-    "lowrank": "lowrank-r4",
-    "single-basis": "single-basis-r4",
-    "mob": "mob-b2-r4-p2",
+    "diagonal": "diagonal-k3",
+    "lowrank": "lowrank-r4-k3",
+    "single-basis": "single-basis-r4-k3",
+    "mob": "mob-b2-r4-p2-k3",
 }
 
 
@@ -42,9 +43,9 @@ def test_prepare_pretrain_finetune_predict(tmp_path: Path) -> None:
     _ok(runner, [*w, "pretrain", *organ, "--preset", "micro", "--device", "cpu"])
     _ok(runner, [*w, "predict", *organ, "--method", "backbone", "--device", "cpu"])
     small = ["--rank", "4", "--bases", "2", "--partitions", "2"]
-    for method in METHODS:
+    for method, tag in METHODS.items():
         _ok(runner, [*w, "finetune", *organ, "--method", method, *small, "--samples", "3"])
-        _ok(runner, [*w, "predict", *organ, "--method", method, *small, "--samples", "8"])
+        _ok(runner, [*w, "predict", *organ, "--run", tag, "--samples", "8"])
 
     manifest = Manifest(tmp_path / "work" / "manifest.json")
     prep = manifest.require("prepare/pancreas", "x").outputs
