@@ -136,6 +136,8 @@ class AnnotatorDataset:
         self.draws: list[tuple[str, int]] = []
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_base", "_segs", "draws"):
+            raise AttributeError(name)  # not yet set (e.g. while unpickling in a worker)
         return getattr(self._base, name)
 
     def __getitem__(self, identifier: str) -> Any:

@@ -27,7 +27,7 @@ whole-volume validation Dice), ``checkpoint_final.pth``, ``losses.csv``,
 
 Manifest key ``finetune/<organ>/<tag>/seed<S>``; outputs: ``run_dir``,
 ``checkpoint_best``, ``checkpoint_final``, ``losses_csv``, ``progress_png``,
-``best_val_dice``, ``best_epoch``, ``inference_mixing``, ``epochs``,
+``best_val_dice``, ``best_epoch``, ``inference_mixing``, ``annotators``, ``epochs``,
 ``preset``.
 """
 
