@@ -371,8 +371,9 @@ def evaluate(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Standalone: CSV to write.")
     ] = None,
-    region: Annotated[str, typer.Option(help="all voxels or roi around the organ.")] = "all",
-    margin: Annotated[int, typer.Option(help="ROI margin in voxels.")] = 10,
+    margin: Annotated[
+        int, typer.Option(help="Margin (voxels) of the ROI columns: box of G or S plus it.")
+    ] = 10,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -380,7 +381,7 @@ def evaluate(
     mixing: MixingOpt = "soft",
     force: ForceOpt = False,
 ) -> None:
-    """Score predictions: Dice, NLL, Brier, ECE/MCE, reliability, uncertainty quality."""
+    """Score predictions: Dice, NLL, Brier, ECE/MCE (whole volume and ROI), uncertainty quality."""
     from mobseg.stages import evaluate as stage
 
     def go() -> Any:
@@ -392,7 +393,6 @@ def evaluate(
             pred=pred,
             gt=gt,
             out=out_file,
-            region=region,
             margin=margin,
         )
         return stage.run(workspace(), params, force=force)
