@@ -114,9 +114,7 @@ def test_against_the_truth_section(reported: tuple[Workspace, dict]) -> None:
     assert control["pstar_var_corr_band"]["mean"] == ""  # zero variance map: no correlation,
     assert float(control["pstar_var_ratio_band"]["mean"]) == 0.0  # ratio 0,
     assert float(control["pstar_nll_band"]["mean"]) > 0  # but the scores against p* exist
-    mob = next(
-        r for r in csv_rows if r["tag"] == "mob-b3-r16" and r["metric"] == "pstar_nll_band"
-    )
+    mob = next(r for r in csv_rows if r["tag"] == "mob-b3-r16" and r["metric"] == "pstar_nll_band")
     summaries = [
         Manifest(ws.manifest_path).get(f"evaluate/pancreas/mob-b3-r16/seed{s}") for s in (0, 1)
     ]
