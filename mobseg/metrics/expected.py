@@ -17,8 +17,9 @@ The Brier line uses E[(p - t)^2] = p^2 - 2 p p* + p* = (p - p*)^2 + p*(1 - p*)
 terms are equal). Both are minimised by p = p*: NLL* then equals the mean
 binary entropy of p* (in nats, 0 ln 0 = 0) and Brier* equals
 2 mean p*(1 - p*), the irreducible parts; the excess over them is the mean
-KL divergence KL(p* || p) and 2 mean (p - p*)^2. Terms are computed in
-float64.
+KL divergence KL(p* || p) and 2 mean (p - p*)^2. Per-voxel terms are
+evaluated in float32 (the precision of the files) and summed in float64, as
+in :mod:`mobseg.metrics.probabilistic`.
 """
 
 from __future__ import annotations
@@ -67,13 +68,23 @@ class ExpectedScoreAccumulator:
 
     def _add(self, p: np.ndarray, q: np.ndarray) -> None:
         """Add one validated flat chunk."""
-        p64 = np.clip(p.astype(np.float64), 0.0, 1.0)
-        q64 = np.clip(q.astype(np.float64), 0.0, 1.0)
-        log_p = np.log(np.maximum(p64, NLL_FLOOR))
-        log_q = np.log(np.maximum(1.0 - p64, NLL_FLOOR))
-        self.nll_sum -= float(np.dot(q64, log_p) + np.dot(1.0 - q64, log_q))
-        diff = p64 - q64
-        self.brier_sum += 2.0 * float(np.dot(diff, diff) + np.dot(q64, 1.0 - q64))
+        one, floor = np.float32(1), np.float32(NLL_FLOOR)
+        p32 = np.clip(p.astype(np.float32, copy=False), 0, one)
+        q32 = np.clip(q.astype(np.float32, copy=False), 0, one)
+        log_bg = np.log(np.maximum(one - p32, floor))
+        log_fg = np.log(np.maximum(p32, floor))
+        # -(q ln p + (1 - q) ln(1 - p)) = -(ln(1 - p) + q (ln p - ln(1 - p)))
+        log_fg -= log_bg
+        log_fg *= q32
+        log_fg += log_bg
+        self.nll_sum -= float(log_fg.sum(dtype=np.float64))
+        # 2 ((p - q)^2 + q (1 - q))
+        diff = p32 - q32
+        diff *= diff
+        spread = one - q32
+        spread *= q32
+        diff += spread
+        self.brier_sum += 2.0 * float(diff.sum(dtype=np.float64))
         self.n += int(p.size)
 
     def merge(self, other: ExpectedScoreAccumulator) -> ExpectedScoreAccumulator:

@@ -110,19 +110,22 @@ class VarianceMatchAccumulator:
         """Add one validated flat chunk (v = Var[p], q = p*)."""
         if v.size == 0:
             return
-        v64 = np.maximum(v.astype(np.float64), 0.0)
-        a64 = annotator_variance(q)
-        n = int(v64.size)
-        mv, ma = float(v64.mean()), float(a64.mean())
-        dv, da = v64 - mv, a64 - ma
+        dv = np.maximum(v.astype(np.float64), 0.0)
+        q64 = q.astype(np.float64)
+        da = np.clip(q64, 0.0, 1.0)
+        da *= 1.0 - da  # a = p*(1 - p*)
+        idx = (da * (self.n_bins / MAX_BERNOULLI_VARIANCE)).astype(np.intp)  # a >= 0: floor
+        np.minimum(idx, self.n_bins - 1, out=idx)
         part = VarianceMatchAccumulator(self.n_bins)
+        part.bin_count = np.bincount(idx, minlength=self.n_bins).astype(np.int64)
+        part.bin_v = np.bincount(idx, weights=dv, minlength=self.n_bins)
+        part.bin_a = np.bincount(idx, weights=da, minlength=self.n_bins)
+        n = int(dv.size)
+        mv, ma = float(part.bin_v.sum()) / n, float(part.bin_a.sum()) / n
+        dv -= mv  # centred in place
+        da -= ma
         part.n, part.mean_v, part.mean_a = n, mv, ma
         part.m2_v, part.m2_a, part.c_va = float(dv @ dv), float(da @ da), float(dv @ da)
-        idx = np.floor(a64 * (self.n_bins / MAX_BERNOULLI_VARIANCE)).astype(np.intp)
-        np.clip(idx, 0, self.n_bins - 1, out=idx)
-        part.bin_count = np.bincount(idx, minlength=self.n_bins).astype(np.int64)
-        part.bin_v = np.bincount(idx, weights=v64, minlength=self.n_bins)
-        part.bin_a = np.bincount(idx, weights=a64, minlength=self.n_bins)
         self.merge(part)
 
     def merge(self, other: VarianceMatchAccumulator) -> VarianceMatchAccumulator:
