@@ -413,8 +413,9 @@ def evaluate(
     out_file: Annotated[
         Path | None, typer.Option("--out", help="Standalone: CSV to write.")
     ] = None,
-    region: Annotated[str, typer.Option(help="all voxels or roi around the organ.")] = "all",
-    margin: Annotated[int, typer.Option(help="ROI margin in voxels.")] = 10,
+    margin: Annotated[
+        int, typer.Option(help="Margin (voxels) of the ROI columns: box of G or S plus it.")
+    ] = 10,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -423,7 +424,7 @@ def evaluate(
     run: RunOpt = None,
     force: ForceOpt = False,
 ) -> None:
-    """Score predictions: Dice, NLL, Brier, ECE/MCE, reliability, uncertainty quality."""
+    """Score predictions: Dice, NLL, Brier, ECE/MCE (whole volume and ROI), uncertainty quality."""
     from mobseg.stages import evaluate as stage
 
     def go() -> Any:
@@ -435,7 +436,6 @@ def evaluate(
             pred=pred,
             gt=gt,
             out=out_file,
-            region=region,
             margin=margin,
             run=run,
         )

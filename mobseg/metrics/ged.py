@@ -16,6 +16,10 @@ GED^2 estimates the population value without bias, but a single case's
 estimate can be slightly negative for small sets (e.g. the same two masks as
 samples and references give 2 * 0.5 - 1 - 1 = -1).
 
+The *diversity ratio* E[d(S, S')] / E[d(Y, Y')] compares the spread of the
+model's samples with the annotators' (1 = the same spread; NaN when either
+is undefined or the annotators agree perfectly).
+
 Only intersection counts are needed, so :class:`OverlapAccumulator` streams
 any number of masks chunk by chunk and keeps an m x m integer matrix.
 """
@@ -130,6 +134,18 @@ def ged_from_distances(dist: np.ndarray, n_samples: int) -> GedResult:
     ref_div = _mean_distinct(d_yy)
     ged2 = 2 * cross - (0.0 if np.isnan(div) else div) - (0.0 if np.isnan(ref_div) else ref_div)
     return GedResult(ged2, cross, div, ref_div, n_samples, n_ref)
+
+
+def diversity_ratio(diversity: float, reference_diversity: float) -> float:
+    """Sample diversity over annotator diversity (NaN when undefined or divided by 0).
+
+    Args:
+        diversity: E[d(S, S')] of the model's samples.
+        reference_diversity: E[d(Y, Y')] of the reference masks.
+    """
+    if not (np.isfinite(diversity) and np.isfinite(reference_diversity)):
+        return float("nan")
+    return float(diversity) / float(reference_diversity) if reference_diversity else float("nan")
 
 
 def iou_distance(a: np.ndarray, b: np.ndarray) -> float:

@@ -6,7 +6,9 @@ File contract (SPEC section 7). In a prediction folder, per case:
 (predictive entropy in nats, optional; computed from p when absent) and,
 optionally, model samples ``<case>_sample<k>.nii.gz`` (0/1 masks, used for
 GED). References: ``<case>.nii.gz`` (0/1 mask) and, for GED in standalone
-mode, further raters' masks ``<case>_ref<k>.nii.gz`` in the same folder.
+mode, further raters' masks ``<case>_ref<k>.nii.gz`` in the same folder and,
+optionally, the true probability ``<case>_p_true.nii.gz`` (as the phantom
+writes it) for the metrics against p*.
 
 Every file of a case must have the ground truth's size, spacing, origin and
 direction; probabilities must lie in [0, 1] without NaN, masks must hold only
@@ -42,6 +44,7 @@ PROB_SUFFIX = "_prob.nii.gz"
 VAR_SUFFIX = "_var.nii.gz"
 ENTROPY_SUFFIX = "_entropy.nii.gz"
 NIFTI = ".nii.gz"
+PTRUE_SUFFIX = "_p_true.nii.gz"
 _SAMPLE_RE = r"_sample(\d+)\.nii\.gz$"
 _REF_RE = r"_ref(\d+)\.nii\.gz$"
 
@@ -196,7 +199,8 @@ def standalone_cases(pred_dir: Path, gt_dir: Path) -> list[CaseFiles]:
     """The cases of ``pred_dir`` (every ``<case>_prob.nii.gz``), matched to ``gt_dir``.
 
     Extra reference masks ``<case>_ref<k>.nii.gz`` in ``gt_dir`` join
-    ``<case>.nii.gz`` as the references of GED.
+    ``<case>.nii.gz`` as the references of GED; ``<case>_p_true.nii.gz`` there
+    is the true probability p* (phantom).
 
     Raises:
         InvalidInputError: a folder is missing, holds no predictions, or a
@@ -222,17 +226,23 @@ def standalone_cases(pred_dir: Path, gt_dir: Path) -> list[CaseFiles]:
         files = prediction_files(pred_dir, case, gt)
         refs = _numbered(gt_dir, case, _REF_RE)
         files.references = [gt, *refs] if refs else []
+        pstar = gt_dir / f"{case}{PTRUE_SUFFIX}"
+        files.true_prob = pstar if pstar.is_file() else None
         out.append(files)
     return out
 
 
 def evaluate_files(
     files: CaseFiles,
-    region: str = "all",
     margin: int = 10,
     chunk: int | None = None,
 ) -> CaseResult:
     """Read, check and evaluate one case (see :func:`mobseg.metrics.case.evaluate_case`).
+
+    Args:
+        files: The case's files.
+        margin: ROI margin in voxels.
+        chunk: Voxels per chunk (None = the default).
 
     Raises:
         InvalidInputError: a file is missing or unreadable, its geometry differs
@@ -270,7 +280,6 @@ def evaluate_files(
             references=[r.array for r in refs if r is not None],
             samples=[s.array for s in samples if s is not None] or None,
             true_prob=None if pstar is None else pstar.array,
-            region=region,
             margin=margin,
             **kwargs,
         )
@@ -280,7 +289,6 @@ def evaluate_files(
 
 def evaluate_many(
     cases: Sequence[CaseFiles],
-    region: str = "all",
     margin: int = 10,
     on_case: Callable[[str], None] | None = None,
 ) -> TestSetAccumulator:
@@ -288,7 +296,6 @@ def evaluate_many(
 
     Args:
         cases: The cases' files.
-        region: ``all`` or ``roi``.
         margin: ROI margin in voxels.
         on_case: Called with each case id after it is done (progress).
 
@@ -297,7 +304,7 @@ def evaluate_many(
     """
     acc = TestSetAccumulator()
     for files in cases:
-        acc.add(evaluate_files(files, region, margin))
+        acc.add(evaluate_files(files, margin))
         if on_case is not None:
             on_case(files.case)
     return acc

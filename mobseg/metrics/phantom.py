@@ -6,6 +6,12 @@ p = p*; the distance between the two measures that directly, without the
 noise of a single drawn label:
 
     MAE  = (1/N) sum_n |p_n - p*_n|,   RMSE = sqrt((1/N) sum_n (p_n - p*_n)^2).
+
+Most voxels of a volume are certain (p* = 0 or 1), so whole-volume means are
+dominated by them. The *ambiguity band* is the set of voxels whose label is
+genuinely uncertain, :data:`BAND_LOW` < p* < :data:`BAND_HIGH` (0.01 and
+0.99, strict); :func:`ambiguity_band` gives its mask and the evaluation reports
+every metric against p* for the whole volume and for the band.
 """
 
 from __future__ import annotations
@@ -15,6 +21,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from mobseg.metrics._common import check_probability, check_same_shape, flat_chunks, nan_if_zero
+
+#: Lower and upper bound (both excluded) of p* in the ambiguity band.
+BAND_LOW = 0.01
+BAND_HIGH = 0.99
+
+
+def ambiguity_band(true_prob: np.ndarray) -> np.ndarray:
+    """Mask of the voxels whose true probability is uncertain: 0.01 < p* < 0.99.
+
+    Args:
+        true_prob: The true foreground probability p*, any shape.
+
+    Returns:
+        bool array of the same shape.
+    """
+    q = np.asarray(true_prob)
+    return (q > BAND_LOW) & (q < BAND_HIGH)
 
 
 @dataclass

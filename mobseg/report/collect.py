@@ -55,6 +55,9 @@ class RunResult:
         summary: The pooled numbers of the ``ALL`` row (None = undefined).
         rows: Per-case rows of the metrics CSV (may be empty if unreadable).
         reliability: Pooled reliability bins, or None.
+        truth_curve: Binned Var[p] against p*(1 - p*) in the ambiguity band
+            (``variance_curve_band`` of ``truth.json``; phantom runs with a
+            variance map), or None.
         pred_dir: The prediction folder (for case panels), or None.
         key: The evaluate record's key.
         variant: The tag carries a loss or training suffix (``-lse``, ``-k8``,
@@ -69,6 +72,7 @@ class RunResult:
     summary: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
     reliability: ReliabilityBins | None = None
+    truth_curve: dict[str, Any] | None = None
     pred_dir: Path | None = None
     key: str = ""
     variant: bool = False
@@ -113,13 +117,12 @@ class StudyResults:
     """Everything the report shows.
 
     Attributes:
-        runs: Evaluated runs (whole-volume metrics).
-        roi_runs: Evaluated runs with ``--region roi``.
+        runs: Evaluated runs (each with whole-volume, ROI and, on the
+            phantom, p* metrics in its summary).
         organs: Per organ: split counts, raw dataset.
     """
 
     runs: list[RunResult] = field(default_factory=list)
-    roi_runs: list[RunResult] = field(default_factory=list)
     organs: dict[str, OrganInfo] = field(default_factory=dict)
 
     def organ_names(self) -> list[str]:
@@ -139,14 +142,15 @@ class StudyResults:
         variants = {r.tag for r in self.runs if r.variant}
         return row_keys({(r.tag, r.method, r.bases) for r in self.runs}, variants)
 
-    def group(self, organ: str, tag: str, roi: bool = False) -> list[RunResult]:
+    def group(self, organ: str, tag: str) -> list[RunResult]:
         """Runs of one organ and tag, by seed."""
-        src = self.roi_runs if roi else self.runs
-        return sorted((r for r in src if r.organ == organ and r.tag == tag), key=lambda r: r.seed)
+        return sorted(
+            (r for r in self.runs if r.organ == organ and r.tag == tag), key=lambda r: r.seed
+        )
 
-    def has_runs(self, organ: str, roi: bool = False) -> bool:
-        """Whether any run of ``organ`` was evaluated (with ``--region roi`` if ``roi``)."""
-        return any(r.organ == organ for r in (self.roi_runs if roi else self.runs))
+    def has_runs(self, organ: str) -> bool:
+        """Whether any run of ``organ`` was evaluated."""
+        return any(r.organ == organ for r in self.runs)
 
     def pooled_reliability(self, organ: str, tag: str) -> CalibrationAccumulator | None:
         """Reliability bins of all seeds of one organ and tag, summed."""
@@ -243,6 +247,13 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
             run.reliability = ReliabilityBins.from_dict(json.loads(rel_path.read_text()))
         except (OSError, ValueError, KeyError) as exc:
             log.warning("Cannot read %s (%s); the reliability diagram skips it.", rel_path, exc)
+    truth_path = _resolve(ws, rec.outputs.get("truth_json"))
+    if truth_path is not None and truth_path.is_file():
+        try:
+            curve = json.loads(truth_path.read_text()).get("variance_curve_band")
+            run.truth_curve = curve if isinstance(curve, dict) else None
+        except (OSError, ValueError, AttributeError) as exc:
+            log.warning("Cannot read %s (%s); the variance figure skips it.", truth_path, exc)
     return run
 
 
@@ -261,13 +272,11 @@ def collect(ws: Workspace) -> StudyResults:
             raw_dir=_resolve(ws, rec.outputs.get("raw_dir")),
         )
     for rec in manifest.find("evaluate"):
-        if not rec.done:
+        if not rec.done or rec.key.endswith("/roi"):  # former --region roi records: superseded
             continue
         run = _run_from_record(ws, rec)
-        if run is None:
-            continue
-        roi = rec.key.endswith("/roi") or rec.params.get("region") == "roi"
-        (results.roi_runs if roi else results.runs).append(run)
+        if run is not None:
+            results.runs.append(run)
     return results
 
 

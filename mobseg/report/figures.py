@@ -6,6 +6,9 @@
   mixture-of-bases runs, mean +- 1 std over seeds;
 - :func:`risk_coverage_figure`: selective risk (1 - Dice) against coverage
   when the least confident cases are set aside, per uncertainty score;
+- :func:`variance_truth_figure`: the learned Var[p] against the annotators'
+  variance p*(1 - p*) in the phantom's ambiguity band, binned, per method,
+  with the identity line as the target;
 - :func:`case_figure`: one test case, one row per method: CT slice with
   ground-truth and predicted contours, the foreground probability and the
   predictive variance over the CT, with colour bars fixed across rows.
@@ -224,6 +227,70 @@ def dice_vs_bases_figure(results: StudyResults, path: Path) -> Path | None:
         fig,
         "Mixture-of-Bases: Dice against the number of bases (mean \u00b1 1 std over "
         "seeds; n = seeds per point)",
+        width,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def pooled_truth_curve(runs: list[RunResult]) -> tuple[np.ndarray, np.ndarray] | None:
+    """Bins of p*(1 - p*) summed over runs: (mean p*(1 - p*), mean Var[p]) of the non-empty bins.
+
+    Each run's ``truth_curve`` holds per bin the count and the two means; the
+    pooled mean is the count-weighted mean. None when no run has a curve.
+    """
+    count = a_sum = v_sum = None
+    for r in runs:
+        c = r.truth_curve
+        if not c:
+            continue
+        n = np.asarray(c["count"], dtype=np.float64)
+        a = np.array([np.nan if x is None else x for x in c["annotator_variance"]])
+        v = np.array([np.nan if x is None else x for x in c["model_variance"]])
+        if count is None or a_sum is None or v_sum is None:
+            count, a_sum, v_sum = np.zeros_like(n), np.zeros_like(n), np.zeros_like(n)
+        if n.shape != count.shape:
+            continue
+        count += n
+        a_sum += np.nan_to_num(a) * n
+        v_sum += np.nan_to_num(v) * n
+    if count is None or a_sum is None or v_sum is None or not (count > 0).any():
+        return None
+    keep = count > 0
+    return a_sum[keep] / count[keep], v_sum[keep] / count[keep]
+
+
+def variance_truth_figure(results: StudyResults, path: Path) -> Path | None:
+    """Per organ: binned mean Var[p] against p*(1 - p*) in the band, one curve per row."""
+    rows = results.rows()
+    curves = {
+        o: [(k, pooled_truth_curve(results.group(o, k.tag))) for k in rows]
+        for o in results.result_organs()
+    }
+    curves = {o: [(k, c) for k, c in cs if c is not None] for o, cs in curves.items()}
+    organs = [o for o, cs in curves.items() if cs]
+    if not organs:
+        return None
+    plt = _plt()
+    styles = _styles(rows)
+    width = max(6.5, 5.2 * len(organs))
+    fig, axes = plt.subplots(1, len(organs), figsize=(width, 4.8), squeeze=False)
+    for j, organ in enumerate(organs):
+        ax = axes[0, j]
+        ax.plot([0, 0.25], [0, 0.25], color="#999999", ls="--", lw=1, label="identity (target)")
+        for key, (a, v) in curves[organ]:
+            ax.plot(a, v, marker="o", ms=3.5, lw=1.5, label=key.label, **styles[key.tag])
+        ax.set_xlim(0, 0.25)
+        ax.set_ylim(bottom=0)
+        ax.set_xlabel("annotators' variance p*(1 - p*)")
+        ax.set_ylabel("model's Var[p] (mean per bin)")
+        ax.set_title(f"{organ_label(organ)}: ambiguity band")
+        ax.legend(loc="upper left", framealpha=0.9)
+    _suptitle(
+        fig,
+        "Learned Var[p] against the annotators' per-voxel variance p*(1 - p*) in the "
+        "ambiguity band (0.01 < p* < 0.99), 10 bins of p*(1 - p*), voxels of all test cases "
+        "and seeds pooled",
         width,
     )
     fig.tight_layout()

@@ -4,16 +4,20 @@ Tables (SPEC section 1, the paper's tables, plus ours):
 
 1. split counts per organ, beside the paper's;
 2. Dice (%) per method and organ, mean +- std over seeds, beside the paper's;
-3. NLL, beside the paper's;
-4. ECE and MCE (15 bins), beside the paper's (pancreas only);
-4b. ECE and MCE in the region of interest, when ``--region roi`` was evaluated;
+3. NLL, a whole-volume block and a region-of-interest block, the paper's
+   values beside the ROI block (docs/metrics.md says why);
+4. ECE and MCE (15 bins), the same two blocks, the paper's pancreas values
+   beside the ROI block;
 5. uncertainty quality (error-detection AUROC/AUPRC, AURC, GED^2, p* error);
+5b. against the truth (phantom): metrics against p* in the ambiguity band;
 6. every evaluated run.
 
 Cells of our numbers hold mean, sample std (ddof = 1) and the number of
 seeds; with one seed only the mean is shown. The best mean of each of our
-columns is bold (ties after rounding all bold). Missing results are "-".
-The CSV files are tidy (one number per line) for further analysis.
+columns (per block) is bold. Numbers get as many decimals as it takes for
+different means to print differently (:func:`fit_decimals`), so only real
+ties are bold together. Missing results are "-". The CSV files are tidy (one
+number per line) for further analysis.
 """
 
 from __future__ import annotations
@@ -122,6 +126,33 @@ def mark_best(rows: Sequence[Sequence[Cell]], col: int, higher_is_better: bool) 
             r[col].bold = True
 
 
+def fit_decimals(cells: Sequence[Cell], minimum: int, maximum: int = 6) -> None:
+    """Give ``cells`` the fewest decimals (>= minimum) at which different means differ.
+
+    Means equal at ``maximum`` decimals count as equal (a real tie). All cells
+    of the column get the same number of decimals.
+    """
+    values = [c.mean for c in cells if c.numeric and c.mean is not None]
+    if not values:
+        return
+    maximum = max(maximum, minimum)
+    distinct = len({round(v, maximum) for v in values})
+    d = minimum
+    for d in range(minimum, maximum + 1):
+        if len({round(v, d) for v in values}) == distinct:
+            break
+    for c in cells:
+        if c.text is None:
+            c.decimals = d
+
+
+#: The two regions of Tables 3 and 4: (column suffix, label).
+REGIONS: tuple[tuple[str, str], ...] = (("", "Whole volume"), ("_roi", "ROI"))
+
+#: The region whose block the paper's values stand beside.
+PAPER_REGION = "_roi"
+
+
 def _paper_cell(value: tuple[str, str] | None) -> Cell:
     if value is None:
         return Cell(text=DASH, paper=True)
@@ -153,48 +184,65 @@ def metric_table(
     decimals: int,
     higher_is_better: bool,
     paper: dict[str, dict[str, tuple[str, str]]] | None,
+    regions: Sequence[tuple[str, str]] = (("", ""),),
 ) -> Table:
-    """Rows = methods, columns = organs (ours, then the paper's beside it)."""
+    """Rows = methods, columns = organs (ours, then the paper's beside it).
+
+    With several ``regions`` ((suffix, label) pairs, e.g. :data:`REGIONS`) the
+    rows come in one block per region (a leading "Region" column; metric
+    ``<metric><suffix>``); the paper's values then stand only beside the
+    :data:`PAPER_REGION` block.
+    """
     organs = results.organ_names()
-    columns = ["Method"]
+    blocks = len(regions) > 1
+    lead = 2 if blocks else 1
+    columns = ["Region", "Method"] if blocks else ["Method"]
     for o in organs:
         columns.append(organ_label(o))
         if paper is not None:
             columns.append(f"{organ_label(o)} (paper)")
     columns.append("Seeds")
-    table = Table(name, title, caption, columns)
-    for key in results.rows():
-        row = [Cell(text=key.label)]
-        ns = []
-        for o in organs:
-            m, s, n = mean_std([r.value(metric) for r in results.group(o, key.tag)])
-            cell = Cell(mean=m * scale, std=s * scale, n=n, decimals=decimals)
-            row.append(cell)
-            ns.append(n)
-            pv = None
-            if paper is not None:
-                pv = paper.get(key.paper_row or "", {}).get(o)
-                row.append(_paper_cell(pv))
-            table.records.append(
-                {
-                    "table": name,
-                    "row": key.label,
-                    "tag": key.tag,
-                    "organ": o,
-                    "metric": metric,
-                    "mean": m * scale,
-                    "std": s * scale,
-                    "n": n,
-                    "paper_mean": _float_or_nan(pv[0]) if pv else float("nan"),
-                    "paper_std": _float_or_nan(pv[1]) if pv else float("nan"),
-                    "_cell": cell,
-                }
-            )
-        row.append(Cell(text=_seeds_text(ns)))
-        table.rows.append(row)
+    table = Table(name, title, caption, columns, label_columns=lead)
     step = 2 if paper is not None else 1
-    for i in range(len(organs)):
-        mark_best(table.rows, 1 + i * step, higher_is_better)
+    for suffix, region_label in regions:
+        start = len(table.rows)
+        if start:
+            table.rules.add(start)
+        quote = not blocks or suffix == PAPER_REGION
+        for key in results.rows():
+            row = [Cell(text=region_label)] if blocks else []
+            row.append(Cell(text=key.label))
+            ns = []
+            for o in organs:
+                values = [r.value(metric + suffix) for r in results.group(o, key.tag)]
+                m, s, n = mean_std(values)
+                cell = Cell(mean=m * scale, std=s * scale, n=n, decimals=decimals)
+                row.append(cell)
+                ns.append(n)
+                pv = None
+                if paper is not None:
+                    pv = paper.get(key.paper_row or "", {}).get(o) if quote else None
+                    row.append(_paper_cell(pv))
+                record = {"table": name, "row": key.label, "tag": key.tag, "organ": o}
+                if blocks:
+                    record["region"] = region_label
+                record.update(
+                    metric=metric + suffix,
+                    mean=m * scale,
+                    std=s * scale,
+                    n=n,
+                    paper_mean=_float_or_nan(pv[0]) if pv else float("nan"),
+                    paper_std=_float_or_nan(pv[1]) if pv else float("nan"),
+                    _cell=cell,
+                )
+                table.records.append(record)
+            row.append(Cell(text=_seeds_text(ns)))
+            table.rows.append(row)
+        block = table.rows[start:]
+        for i in range(len(organs)):
+            col = lead + i * step
+            fit_decimals([r[col] for r in block], decimals)
+            mark_best(block, col, higher_is_better)
     _flag_best_records(table)
     return table
 
@@ -237,53 +285,65 @@ def splits_table(results: StudyResults) -> Table:
     return table
 
 
-def calibration_table(results: StudyResults, roi: bool = False) -> Table:
-    """Table 4: ECE and MCE per organ (15 bins), beside the paper's pancreas values."""
-    organs = [o for o in results.organ_names() if not roi or results.has_runs(o, roi=True)]
-    name = "table4b_calibration_roi" if roi else "table4_calibration"
-    title = "Table 4b: ECE and MCE in the region of interest" if roi else "Table 4: ECE and MCE"
+def calibration_table(results: StudyResults) -> Table:
+    """Table 4: ECE and MCE per organ (15 bins), whole volume and ROI blocks.
+
+    The paper's pancreas values stand beside the ROI block.
+    """
+    organs = results.organ_names()
+    name = "table4_calibration"
     caption = (
         "Expected and maximum calibration error of the foreground probability "
-        "(15 equal-width bins, pooled over the test set)"
-        + (
-            ", restricted to the bounding box of ground truth or prediction plus a margin."
-            if roi
-            else "; the paper reports them for the pancreas only."
-        )
+        "(15 equal-width bins, pooled over the test set), over the whole volume and in the "
+        "region of interest (bounding box of ground truth or prediction plus a margin); "
+        "the paper reports them for the pancreas only, shown beside the ROI block."
     )
-    columns = ["Method"]
+    columns = ["Region", "Method"]
     for o in organs:
         columns += [f"{organ_label(o)} ECE", f"{organ_label(o)} MCE"]
-    paper_organs = [] if roi else [o for o in organs if o in PAPER_CALIBRATION]
+    paper_organs = [o for o in organs if o in PAPER_CALIBRATION]
     for o in paper_organs:
         columns += [f"{organ_label(o)} ECE (paper)", f"{organ_label(o)} MCE (paper)"]
-    table = Table(name, title, caption, columns)
-    for key in results.rows():
-        row = [Cell(text=key.label)]
-        for o in organs:
-            for metric in ("ece", "mce"):
-                m, s, n = mean_std([r.value(metric) for r in results.group(o, key.tag, roi=roi)])
-                cell = Cell(mean=m, std=s, n=n, decimals=3)
-                row.append(cell)
-                table.records.append(
-                    {
-                        "table": name,
-                        "row": key.label,
-                        "tag": key.tag,
-                        "organ": o,
-                        "metric": metric,
-                        "mean": m,
-                        "std": s,
-                        "n": n,
-                        "_cell": cell,
-                    }
-                )
-        for o in paper_organs:
-            pv = PAPER_CALIBRATION[o].get(key.paper_row or "")
-            row += [_paper_cell(pv["ece"] if pv else None), _paper_cell(pv["mce"] if pv else None)]
-        table.rows.append(row)
-    for i in range(2 * len(organs)):
-        mark_best(table.rows, 1 + i, higher_is_better=False)
+    table = Table(name, "Table 4: ECE and MCE", caption, columns, label_columns=2)
+    for suffix, region_label in REGIONS:
+        start = len(table.rows)
+        if start:
+            table.rules.add(start)
+        for key in results.rows():
+            row = [Cell(text=region_label), Cell(text=key.label)]
+            for o in organs:
+                for metric in ("ece", "mce"):
+                    vals = [r.value(metric + suffix) for r in results.group(o, key.tag)]
+                    m, s, n = mean_std(vals)
+                    cell = Cell(mean=m, std=s, n=n, decimals=3)
+                    row.append(cell)
+                    table.records.append(
+                        {
+                            "table": name,
+                            "row": key.label,
+                            "tag": key.tag,
+                            "organ": o,
+                            "region": region_label,
+                            "metric": metric + suffix,
+                            "mean": m,
+                            "std": s,
+                            "n": n,
+                            "_cell": cell,
+                        }
+                    )
+            for o in paper_organs:
+                pv = PAPER_CALIBRATION[o].get(key.paper_row or "")
+                if suffix != PAPER_REGION:
+                    pv = None
+                row += [
+                    _paper_cell(pv["ece"] if pv else None),
+                    _paper_cell(pv["mce"] if pv else None),
+                ]
+            table.rows.append(row)
+        block = table.rows[start:]
+        for i in range(2 * len(organs)):
+            fit_decimals([r[2 + i] for r in block], 3)
+            mark_best(block, 2 + i, higher_is_better=False)
     _flag_best_records(table)
     return table
 
@@ -349,7 +409,8 @@ def uncertainty_table(results: StudyResults) -> Table:
             row.append(Cell(text=str(len(group))))
             table.rows.append(row)
         block = table.rows[start:]
-        for i, (_, _, _, higher) in enumerate(UNCERTAINTY_COLUMNS):
+        for i, (_, _, dec, higher) in enumerate(UNCERTAINTY_COLUMNS):
+            fit_decimals([r[2 + i] for r in block], dec)
             if higher is not None:
                 mark_best(block, 2 + i, higher)
     _flag_best_records(table)
@@ -403,8 +464,78 @@ def runs_table(results: StudyResults) -> Table:
     return table
 
 
+#: (summary key, header, decimals, higher is better; None = no best marked) of Table 5b.
+TRUTH_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
+    ("pstar_mae_band", "|p - p*|", 4, False),
+    ("pstar_rmse_band", "RMSE", 4, False),
+    ("pstar_nll_band", "NLL*", 3, False),
+    ("pstar_brier_band", "Brier*", 3, False),
+    ("pstar_var_corr_band", "corr(Var, p*(1-p*))", 3, True),
+    ("pstar_var_ratio_band", "Var ratio", 3, None),
+    ("ged2", "GED\u00b2", 3, False),
+    ("diversity_ratio", "Div. ratio", 3, None),
+)
+
+
+def truth_table(results: StudyResults) -> Table:
+    """Table 5b: every method against the phantom's true label law p*, in the ambiguity band."""
+    name = "table5b_truth"
+    table = Table(
+        name,
+        "Table 5b: Against the truth",
+        "Phantom only (elsewhere the truth is unknown and the cells are '-'). Inside the "
+        "ambiguity band (voxels with 0.01 < p* < 0.99): mean |p - p*| and its RMSE; NLL* and "
+        "Brier*, the NLL and two-class Brier score of p expected under labels drawn from p* "
+        "(their minimum, reached by p = p*, is the entropy of p* and 2 p*(1 - p*)); the "
+        "Pearson correlation of the model's Var[p] with the annotators' per-voxel variance "
+        "p*(1 - p*) and the ratio of their means (target 1; '-' without a variance map, "
+        "and a correlation of '-' for a zero one); GED\u00b2 against all K annotators (1 - IoU) "
+        "and the sample diversity over the annotator diversity (target 1). Mean \u00b1 std "
+        "over seeds; lower is better except for the correlation; no best is marked for the "
+        "ratios.",
+        ["Organ", "Method"] + [c[1] for c in TRUTH_COLUMNS] + ["Seeds"],
+        label_columns=2,
+    )
+    for organ in results.result_organs():
+        start = len(table.rows)
+        if start:
+            table.rules.add(start)
+        for key in results.rows():
+            group = results.group(organ, key.tag)
+            if not group:
+                continue
+            row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
+            for metric, header, dec, _ in TRUTH_COLUMNS:
+                m, s, n = mean_std([r.value(metric) for r in group])
+                cell = Cell(mean=m, std=s, n=n, decimals=dec)
+                row.append(cell)
+                table.records.append(
+                    {
+                        "table": name,
+                        "row": key.label,
+                        "tag": key.tag,
+                        "organ": organ,
+                        "metric": metric,
+                        "column": header,
+                        "mean": m,
+                        "std": s,
+                        "n": n,
+                        "_cell": cell,
+                    }
+                )
+            row.append(Cell(text=str(len(group))))
+            table.rows.append(row)
+        block = table.rows[start:]
+        for i, (_, _, dec, higher) in enumerate(TRUTH_COLUMNS):
+            fit_decimals([r[2 + i] for r in block], dec)
+            if higher is not None:
+                mark_best(block, 2 + i, higher)
+    _flag_best_records(table)
+    return table
+
+
 def all_tables(results: StudyResults) -> list[Table]:
-    """Every table of the report, in order (4b only when ROI results exist)."""
+    """Every table of the report, in order."""
     tables = [
         splits_table(results),
         metric_table(
@@ -423,19 +554,23 @@ def all_tables(results: StudyResults) -> list[Table]:
             results,
             name="table3_nll",
             title="Table 3: Negative log-likelihood",
-            caption="Mean over all test voxels of -ln p(true class) (nats per voxel, "
-            "probabilities floored at 1e-8); mean \u00b1 std over seeds. Lower is better.",
+            caption="Mean over the test voxels of -ln p(true class) (nats per voxel, "
+            "probabilities floored at 1e-8), over the whole volume and in the region of "
+            "interest (bounding box of ground truth or prediction plus a margin); mean "
+            "\u00b1 std over seeds. Lower is better. The paper's values stand beside the "
+            "ROI block, the variant they compare with (see docs/metrics.md).",
             metric="nll",
             scale=1.0,
             decimals=3,
             higher_is_better=False,
             paper=PAPER_NLL,
+            regions=REGIONS,
         ),
         calibration_table(results),
+        uncertainty_table(results),
+        truth_table(results),
+        runs_table(results),
     ]
-    if results.roi_runs:
-        tables.append(calibration_table(results, roi=True))
-    tables += [uncertainty_table(results), runs_table(results)]
     return tables
 
 

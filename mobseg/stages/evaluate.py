@@ -9,12 +9,16 @@ Two modes:
   ``<workdir>/evaluation/<organ>/<tag>/seed<S>/metrics.csv`` (one row per case
   plus ``ALL``) and ``reliability.json`` (pooled bins), and the record
   ``evaluate/<organ>/<tag>/seed<S>`` with outputs ``metrics_csv``,
-  ``reliability_json`` and ``summary`` (the ``ALL`` row's numbers). With
-  ``--region roi`` the files are ``metrics_roi.csv``/``reliability_roi.json``
-  and the key ends in ``/roi``. A finished evaluation is skipped unless
-  ``force`` or its prediction finished later (re-predicted).
-  GED uses ``mobseg.data.references.reference_masks`` and the phantom's error
-  of p uses ``true_probability`` when that module exists.
+  ``reliability_json`` and ``summary`` (the ``ALL`` row's numbers). Every
+  voxel score is computed in the same pass for the whole volume and for the
+  region of interest (columns ``*_roi``; ``reliability_roi.json``); on the
+  phantom, the metrics against p* for the whole volume and the ambiguity
+  band (``pstar_*``, ``pstar_*_band``; ``truth.json`` with the binned
+  Var[p] against p*(1 - p*) of the band). A finished evaluation is skipped
+  unless ``force``, its prediction finished later (re-predicted), or it was
+  written by an older metrics version (:data:`METRICS_VERSION`).
+  GED uses ``mobseg.data.references.reference_masks`` (all K annotators)
+  and the metrics against p* use ``true_probability`` when that module exists.
 - **Standalone mode** (``--pred DIR --gt DIR --out FILE.csv``): any folder of
   ``<case>_prob.nii.gz`` files is scored against ``<case>.nii.gz`` masks; no
   manifest record is written.
@@ -45,7 +49,9 @@ from mobseg.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-REGIONS = ("all", "roi")
+#: Version of the metrics an evaluate record holds; a done record of another
+#: version is evaluated again (2: ROI and p* columns added).
+METRICS_VERSION = 2
 
 #: Numbers of the ``ALL`` row copied into a record's ``summary``.
 SUMMARY_KEYS = (
@@ -55,6 +61,10 @@ SUMMARY_KEYS = (
     "brier",
     "ece",
     "mce",
+    "nll_roi",
+    "brier_roi",
+    "ece_roi",
+    "mce_roi",
     "auroc_var",
     "auprc_var",
     "auroc_entropy",
@@ -66,8 +76,19 @@ SUMMARY_KEYS = (
     "ged2",
     "diversity",
     "reference_diversity",
+    "diversity_ratio",
     "pstar_mae",
     "pstar_rmse",
+    "pstar_nll",
+    "pstar_brier",
+    "pstar_var_corr",
+    "pstar_var_ratio",
+    "pstar_mae_band",
+    "pstar_rmse_band",
+    "pstar_nll_band",
+    "pstar_brier_band",
+    "pstar_var_corr_band",
+    "pstar_var_ratio_band",
     "n_cases",
     "n_nan_dice",
 )
@@ -91,8 +112,8 @@ class EvaluateParams:
         pred: Folder with ``<case>_prob.nii.gz`` (standalone mode).
         gt: Folder with ``<case>.nii.gz`` 0/1 masks (standalone mode).
         out: CSV file to write (standalone mode).
-        region: ``all`` voxels or ``roi`` (bounding box of G or S plus a margin).
-        margin: ROI margin in voxels.
+        margin: Margin in voxels of the region of interest (the bounding box
+            of G or S) whose scores are the ``*_roi`` columns.
     """
 
     organ: str | None = None
@@ -101,7 +122,6 @@ class EvaluateParams:
     pred: Path | None = None
     gt: Path | None = None
     out: Path | None = None
-    region: str = "all"
     margin: int = 10
     run: str | None = None
 
@@ -187,7 +207,7 @@ def _standalone(params: EvaluateParams) -> list[StageRecord]:
         )
     cases = standalone_cases(Path(params.pred), Path(params.gt))
     with progress.progress_bar("evaluate (standalone)", total=len(cases)) as advance:
-        acc = evaluate_many(cases, params.region, params.margin, on_case=lambda _c: advance())
+        acc = evaluate_many(cases, params.margin, on_case=lambda _c: advance())
     pooled = acc.pooled_row()
     out = Path(params.out)
     write_metrics_csv(out, acc.rows, pooled)
@@ -281,8 +301,7 @@ def evaluate_prediction(
 
     Used by :func:`run` for every selected prediction, and directly by callers
     that name the prediction themselves (e.g. the backbone's, whose tag no
-    :class:`HeadConfig` produces). Only ``params.region`` and ``params.margin``
-    are read.
+    :class:`HeadConfig` produces). Only ``params.margin`` is read.
 
     Returns:
         The ``evaluate/...`` record (skipped as done unless ``force`` or stale).
@@ -293,13 +312,14 @@ def evaluate_prediction(
         prediction_files,
         write_metrics_csv,
     )
+    from mobseg.metrics.phantom import BAND_HIGH, BAND_LOW
 
     organ, tag, seed = _parse_key(pred_rec.key)
-    roi = params.region == "roi"
-    key = evaluate_key(organ, tag, seed) + ("/roi" if roi else "")
+    key = evaluate_key(organ, tag, seed)
     old = manifest.get(key)
     stale = manifest.stale(old)  # the prediction ran again since
-    if old is not None and old.done and not force and not stale:
+    current = old is not None and old.outputs.get("metrics_version") == METRICS_VERSION
+    if old is not None and old.done and not force and not stale and current:
         log.info("%s is done; skipping (use --force to redo).", key)
         return old
 
@@ -323,28 +343,40 @@ def evaluate_prediction(
         "bases": head.get("bases"),
         "backbone": backbone,
         "head": head or None,
-        "region": params.region,
         "margin": params.margin,
     }
     out_dir = ws.evaluation_dir(organ, tag, seed)
-    suffix = "_roi" if roi else ""
-    csv_path = out_dir / f"metrics{suffix}.csv"
-    rel_path = out_dir / f"reliability{suffix}.json"
+    csv_path = out_dir / "metrics.csv"
+    rel_path = out_dir / "reliability.json"
+    rel_roi_path = out_dir / "reliability_roi.json"
+    truth_path = out_dir / "truth.json"
     inputs = {"predict": pred_rec.key, "pred_dir": str(pred_dir), "labels": str(labels)}
     with manifest.running("evaluate", key, run_params, inputs, [pred_rec]) as outputs:
         with progress.progress_bar(f"evaluate {organ}/{tag}/seed{seed}", len(files)) as adv:
-            acc = evaluate_many(files, params.region, params.margin, on_case=lambda _c: adv())
+            acc = evaluate_many(files, params.margin, on_case=lambda _c: adv())
         pooled = acc.pooled_row()
         write_metrics_csv(csv_path, acc.rows, pooled)
-        reliability = acc.calibration.reliability().to_dict()
-        atomic_write_text(rel_path, json.dumps(reliability, indent=1))
+        for path, scores in ((rel_path, acc.whole), (rel_roi_path, acc.roi_scores)):
+            reliability = scores.calibration.reliability().to_dict()
+            atomic_write_text(path, json.dumps(reliability, indent=1))
         outputs.update(
             metrics_csv=_relative(ws, csv_path),
             reliability_json=_relative(ws, rel_path),
+            reliability_roi_json=_relative(ws, rel_roi_path),
             pred_dir=_relative(ws, pred_dir),
             summary=_summary(pooled),
             n_cases=len(files),
+            metrics_version=METRICS_VERSION,
         )
+        if acc.has_pstar:
+            truth = {
+                "band": [BAND_LOW, BAND_HIGH],
+                "variance_curve_band": acc.truth_band.variance.curve()
+                if acc.truth_band.has_variance
+                else None,
+            }
+            atomic_write_text(truth_path, json.dumps(truth, indent=1))
+            outputs["truth_json"] = _relative(ws, truth_path)
     rec = manifest.get(key)
     if rec is None:  # pragma: no cover - written just above
         raise RuntimeError(f"record {key} vanished")
@@ -360,12 +392,10 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
         are the CSV path and the pooled numbers.
 
     Raises:
-        ConfigurationError: unknown region, negative margin, half a standalone call.
+        ConfigurationError: negative margin, half a standalone call.
         MissingStageError: no finished prediction (or preparation) to evaluate.
         InvalidInputError: a missing, mismatched or invalid file (names the case).
     """
-    if params.region not in REGIONS:
-        raise ConfigurationError(f"--region must be all or roi, got {params.region!r}.")
     if params.margin < 0:
         raise ConfigurationError(f"--margin must be >= 0, got {params.margin}.")
     if params.standalone:
@@ -376,7 +406,7 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
         for rec in _select_predictions(manifest, params)
     ]
     for organ in sorted({r.key.split("/")[1] for r in records}):
-        write_aggregate(ws, manifest, organ, params.region)
+        write_aggregate(ws, manifest, organ)
     return records
 
 
@@ -384,11 +414,13 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
 _evaluate_run = evaluate_prediction
 
 
-def write_aggregate(ws: Workspace, manifest: Manifest, organ: str, region: str = "all") -> Path:
+def write_aggregate(ws: Workspace, manifest: Manifest, organ: str) -> Path:
     """Per organ x tag, mean and sample std (ddof = 1) over seeds of every summary number.
 
-    Writes ``<workdir>/evaluation/<organ>/summary.csv`` (``summary_roi.csv``
-    for ``region="roi"``) from the finished evaluate records: one row per tag
+    Writes ``<workdir>/evaluation/<organ>/summary.csv`` from the finished
+    evaluate records (whole-volume, ROI and, on the phantom, p* metrics side
+    by side; records of the former ``--region roi`` mode, keys ending in
+    ``/roi``, are ignored): one row per tag
     with ``method``, ``n_seeds``, ``seeds`` and ``<metric>_mean``,
     ``<metric>_std`` for the metrics of :data:`SUMMARY_KEYS`.
 
@@ -405,8 +437,7 @@ def write_aggregate(ws: Workspace, manifest: Manifest, organ: str, region: str =
     groups: dict[str, list[StageRecord]] = {}
     for rec in manifest.find("evaluate", f"evaluate/{organ}/"):
         parts = rec.key.split("/")
-        is_roi = len(parts) == 5 and parts[4] == "roi"
-        if not rec.done or len(parts) not in (4, 5) or is_roi != (region == "roi"):
+        if not rec.done or len(parts) != 4:
             continue
         groups.setdefault(parts[2], []).append(rec)
     metrics = [k for k in SUMMARY_KEYS if not k.startswith("n_")]
@@ -434,7 +465,6 @@ def write_aggregate(ws: Workspace, manifest: Manifest, organ: str, region: str =
             std = f"{vals.std(ddof=1):.10g}" if vals.size > 1 else ""
             row += [mean, std]
         writer.writerow(row)
-    name = "summary_roi.csv" if region == "roi" else "summary.csv"
-    path = ws.root / "evaluation" / organ / name
+    path = ws.root / "evaluation" / organ / "summary.csv"
     atomic_write_text(path, buf.getvalue())
     return path

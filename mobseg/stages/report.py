@@ -3,11 +3,13 @@
 Reads every finished ``evaluate`` record (and the ``prepare`` records), and
 writes into ``<out>`` (default ``<workdir>/report``):
 
-- ``tables/table*.{md,tex,csv}``: Table 1 (splits), 2 (Dice), 3 (NLL),
-  4 (ECE/MCE; 4b in the ROI when evaluated), 5 (uncertainty quality),
-  6 (every run); Markdown, LaTeX booktabs and tidy CSV;
+- ``tables/table*.{md,tex,csv}``: Table 1 (splits), 2 (Dice), 3 (NLL) and
+  4 (ECE/MCE), each with a whole-volume and a region-of-interest block,
+  5 (uncertainty quality), 5b (against the truth, phantom), 6 (every run);
+  Markdown, LaTeX booktabs and tidy CSV;
 - ``figures/*.png``: reliability diagrams, Dice against the number of bases,
-  risk-coverage curves, and per organ a case panel;
+  risk-coverage curves, Var[p] against p*(1 - p*) (phantom), and per organ a
+  case panel;
 - ``report.md`` and the self-contained ``report.html``.
 
 Missing results are "-" cells and figures that cannot be drawn are left out
@@ -119,6 +121,9 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     risk = figure(
         "risk_coverage", figs.risk_coverage_figure, results, fig_dir / "risk_coverage.png"
     )
+    truth_fig = figure(
+        "variance_truth", figs.variance_truth_figure, results, fig_dir / "variance_truth.png"
+    )
     cases = []
     for organ in results.result_organs():
         got = figure(
@@ -143,8 +148,6 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     blocks.append(tables["table2_dice"])
     blocks += [doc.Heading("Calibration"), *doc.calibration_section(results)]
     blocks += [tables["table3_nll"], tables["table4_calibration"]]
-    if "table4b_calibration_roi" in tables:
-        blocks.append(tables["table4b_calibration_roi"])
     blocks += fig_block(
         reliability,
         "Figure 1: Reliability diagrams. Each point is one of 15 equal-width bins of the "
@@ -161,21 +164,34 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
         "is the mean 1 - Dice of the kept cases, averaged over seeds. A flat, low curve means "
         "the uncertainty flags the bad cases.",
     )
+    blocks += [doc.Heading("Against the truth"), *doc.truth_section(results)]
+    blocks.append(tables["table5b_truth"])
+    blocks += fig_block(
+        truth_fig,
+        "Figure 3: Learned variance against the truth. Voxels of the ambiguity band "
+        "(0.01 < p* < 0.99) in 10 bins of the annotators' variance p*(1 - p*); per bin the "
+        "mean of the model's Var[p] against the mean p*(1 - p*), test cases and seeds pooled. "
+        "The dashed identity is a model whose spread matches the annotators'; a curve near "
+        "zero is a model that is confident where the annotators disagree.",
+    )
     if bases is not None:
         blocks += [doc.Heading("Number of bases")]
         blocks += fig_block(
             bases,
-            "Figure 3: Dice of the mixture-of-bases model against the number of bases M "
+            f"Figure {4 if truth_fig is not None else 3}: Dice of the mixture-of-bases model "
+            "against the number of bases M "
             "(mean \u00b1 1 std over seeds; n = seeds per point); dotted lines: the other "
             "methods' mean Dice.",
         )
+    first_case = 2 + (truth_fig is not None) + (bases is not None)
     if cases:
         blocks.append(doc.Heading("Example cases"))
         for i, (organ, path, case) in enumerate(cases):
             chosen = "chosen with --case" if params.case else "its median-Dice case"
             blocks += fig_block(
                 path,
-                f"Figure {4 + i}: {organ_label(organ)}, case {case} ({chosen}). One row per "
+                f"Figure {first_case + 1 + i}: {organ_label(organ)}, case {case} ({chosen}). "
+                "One row per "
                 "method (lowest seed): CT (window -160..240 HU) with ground truth (green) and "
                 "prediction (red, dashed); the organ probability; the predictive variance. "
                 "Colour bars are shared by all rows.",
@@ -187,7 +203,8 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     md_path, html_path = out / "report.md", out / "report.html"
     md_path.write_text(doc.render_markdown(TITLE, blocks), encoding="utf-8")
     html_path.write_text(doc.render_html(TITLE, blocks), encoding="utf-8")
-    figures = [p for p in (reliability, bases, risk) if p is not None] + [c[1] for c in cases]
+    figures = [p for p in (reliability, bases, risk, truth_fig) if p is not None]
+    figures += [c[1] for c in cases]
     return {
         "report_md": str(md_path),
         "report_html": str(html_path),

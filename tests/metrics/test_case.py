@@ -111,14 +111,25 @@ def test_roi_is_bounding_box_of_gt_or_seg_plus_margin() -> None:
     )
     assert roi_slices(np.zeros_like(prob), np.zeros_like(target), 2) is None
     c = _case(2)
-    res = evaluate_case(c["prob"], c["target"], region="roi", margin=1)
-    box = roi_slices(c["prob"], c["target"], 1)
-    assert res.roi == box
-    assert res.row["n_voxels"] == c["prob"][box].size < c["prob"].size
-    assert res.row["ece"] == pytest.approx(
-        expected_calibration_error(c["prob"][box], c["target"][box])
-    )
-    assert res.row["dice"] == pytest.approx(dice(c["prob"] > 0.5, c["target"]))
+    for chunk in (97, 14 * 16 * 2, 1 << 21):  # slabs of one row, two rows, the whole case
+        res = evaluate_case(c["prob"], c["target"], margin=1, chunk=chunk)
+        box = roi_slices(c["prob"], c["target"], 1)
+        assert res.roi == box
+        row = res.row
+        p, t = c["prob"][box], c["target"][box]
+        assert row["n_voxels_roi"] == p.size < c["prob"].size == row["n_voxels"]
+        assert row["ece_roi"] == pytest.approx(expected_calibration_error(p, t))
+        assert row["mce_roi"] == pytest.approx(maximum_calibration_error(p, t))
+        assert row["nll_roi"] == pytest.approx(negative_log_likelihood(p, t))
+        assert row["brier_roi"] == pytest.approx(brier_score(p, t))
+        # the whole-volume columns stay the whole volume's
+        assert row["nll"] == pytest.approx(negative_log_likelihood(c["prob"], c["target"]))
+        assert row["nll_roi"] > row["nll"]  # the background dilutes the whole-volume NLL
+        assert row["dice"] == pytest.approx(dice(c["prob"] > 0.5, c["target"]))
+    # G and S empty: no ROI, NaN scores, zero voxels
+    empty = evaluate_case(np.zeros((4, 5, 6), np.float32), np.zeros((4, 5, 6), np.uint8))
+    assert empty.roi is None and empty.row["n_voxels_roi"] == 0
+    assert math.isnan(empty.row["nll_roi"]) and math.isnan(empty.row["ece_roi"])
 
 
 def test_pooled_row_equals_all_voxels_at_once() -> None:
@@ -136,6 +147,12 @@ def test_pooled_row_equals_all_voxels_at_once() -> None:
     assert row["nll"] == pytest.approx(negative_log_likelihood(p, t))
     assert row["brier"] == pytest.approx(brier_score(p, t))
     assert row["auroc_var"] == pytest.approx(roc_auc_score((p > 0.5) != t, v), abs=1e-3)
+    boxes = [roi_slices(c["prob"], c["target"], 10) for c in cases]
+    p_roi = np.concatenate([c["prob"][b].ravel() for c, b in zip(cases, boxes, strict=True)])
+    t_roi = np.concatenate([c["target"][b].ravel() for c, b in zip(cases, boxes, strict=True)])
+    assert row["ece_roi"] == pytest.approx(expected_calibration_error(p_roi, t_roi))
+    assert row["nll_roi"] == pytest.approx(negative_log_likelihood(p_roi, t_roi))
+    assert row["n_voxels_roi"] == p_roi.size
     dices = [r["dice"] for r in acc.rows]
     assert row["dice"] == pytest.approx(np.mean(dices))
     assert row["dice_std"] == pytest.approx(np.std(dices, ddof=1))
@@ -168,5 +185,84 @@ def test_errors_name_the_array() -> None:
         v = c["var"].copy()
         v[1, 1, 1] = np.inf
         evaluate_case(c["prob"], c["target"], variance=v)
-    with pytest.raises(ValueError, match="region"):
-        evaluate_case(c["prob"], c["target"], region="box")
+    with pytest.raises(ValueError, match="margin must be >= 0"):
+        evaluate_case(c["prob"], c["target"], margin=-1)
+
+
+def _truth_brute(p: np.ndarray, q: np.ndarray, v: np.ndarray) -> dict[str, float]:
+    """Every metric against p* by direct numpy/scipy formulas on the given voxels."""
+    from scipy.stats import pearsonr
+
+    p, q, v = (np.asarray(x, dtype=np.float64).ravel() for x in (p, q, v))
+    pc = np.maximum(p, 1e-8)
+    qc = np.maximum(1 - p, 1e-8)
+    a = q * (1 - q)
+    return {
+        "pstar_mae": float(np.abs(p - q).mean()),
+        "pstar_rmse": float(np.sqrt(((p - q) ** 2).mean())),
+        "pstar_nll": float(np.mean(-(q * np.log(pc) + (1 - q) * np.log(qc)))),
+        "pstar_brier": float(np.mean(2 * ((p - q) ** 2 + a))),
+        "pstar_var_corr": float(pearsonr(v, a)[0]),
+        "pstar_var_ratio": float(v.mean() / a.mean()),
+    }
+
+
+def test_truth_metrics_whole_volume_and_band_against_brute_force() -> None:
+    c = _case(4)
+    refs = [c["target"], (c["pstar"] > 0.3).astype(np.uint8), (c["pstar"] > 0.7).astype(np.uint8)]
+    samples = [(c["pstar"] > x).astype(np.uint8) for x in (0.4, 0.5, 0.6)]
+    kwargs = dict(variance=c["var"], true_prob=c["pstar"], references=refs, samples=samples)
+    row = evaluate_case(c["prob"], c["target"], **kwargs).row
+    small = evaluate_case(c["prob"], c["target"], chunk=97, **kwargs).row  # streamed in rows
+    q = c["pstar"]
+    band = (q > np.float32(0.01)) & (q < np.float32(0.99))
+    assert 0 < band.sum() < q.size
+    expect = _truth_brute(c["prob"], q, c["var"])
+    in_band = _truth_brute(c["prob"][band], q[band], c["var"][band])
+    expect |= {f"{k}_band": v for k, v in in_band.items()}
+    for key, value in expect.items():
+        assert row[key] == pytest.approx(value, rel=1e-6), key
+        assert small[key] == pytest.approx(value, rel=1e-6), key
+    assert row["n_voxels_band"] == int(band.sum())
+    # the band is where the truth is uncertain: every per-voxel error is larger there
+    assert row["pstar_nll_band"] > row["pstar_nll"] and row["pstar_mae_band"] > row["pstar_mae"]
+    g = generalized_energy_distance(samples, refs)
+    assert row["diversity_ratio"] == pytest.approx(g.diversity / g.reference_diversity)
+    assert row["n_references"] == 3 and row["n_samples"] == 3
+
+
+def test_truth_metrics_of_a_perfect_model_and_without_variance() -> None:
+    from scipy.stats import entropy as scipy_entropy
+
+    c = _case(5)
+    q = c["pstar"]
+    a = q.astype(np.float64) * (1 - q.astype(np.float64))
+    row = evaluate_case(q, c["target"], variance=a.astype(np.float32), true_prob=q).row
+    ent = np.mean([scipy_entropy([x, 1 - x]) for x in q.astype(np.float64).ravel()])
+    assert row["pstar_mae"] == 0 and row["pstar_rmse"] == 0
+    assert row["pstar_nll"] == pytest.approx(ent, rel=1e-6)
+    assert row["pstar_brier"] == pytest.approx(2 * a.mean(), rel=1e-6)
+    assert row["pstar_var_corr_band"] == pytest.approx(1.0, abs=1e-6)
+    assert row["pstar_var_ratio_band"] == pytest.approx(1.0, rel=1e-5)
+    # no variance map (deterministic export): the variance columns are NaN, the rest is there
+    det = evaluate_case(c["prob"], c["target"], true_prob=q).row
+    assert math.isnan(det["pstar_var_corr_band"]) and math.isnan(det["pstar_var_ratio"])
+    assert det["pstar_mae_band"] > 0
+    # no p*: every truth column is NaN
+    none = evaluate_case(c["prob"], c["target"]).row
+    assert all(math.isnan(none[k]) for k in none if k.startswith("pstar_"))
+
+
+def test_pooled_truth_metrics_equal_all_voxels_at_once() -> None:
+    cases = [_case(s) for s in range(3)]
+    acc = TestSetAccumulator()
+    for c in cases:
+        acc.add(evaluate_case(c["prob"], c["target"], variance=c["var"], true_prob=c["pstar"]))
+    row = acc.pooled_row()
+    p, q, v = (np.concatenate([c[k].ravel() for c in cases]) for k in ("prob", "pstar", "var"))
+    band = (q > np.float32(0.01)) & (q < np.float32(0.99))
+    expect = _truth_brute(p, q, v)
+    expect |= {f"{k}_band": val for k, val in _truth_brute(p[band], q[band], v[band]).items()}
+    for key, value in expect.items():
+        assert row[key] == pytest.approx(value, rel=1e-6), key
+    assert row["n_voxels_band"] == int(band.sum())

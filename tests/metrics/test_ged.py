@@ -103,3 +103,11 @@ def test_real_two_raters_of_the_example(totalseg_example: Path) -> None:
     expected = _d(shifted, first) + _d(shifted, second) - d
     got = generalized_energy_distance([shifted], [first, second]).ged2
     assert got == pytest.approx(expected) and got > 0.3
+
+
+def test_diversity_ratio() -> None:
+    from mobseg.metrics.ged import diversity_ratio
+
+    assert diversity_ratio(0.1, 0.25) == pytest.approx(0.4)
+    assert math.isnan(diversity_ratio(float("nan"), 0.25))  # one sample: no diversity
+    assert math.isnan(diversity_ratio(0.1, 0.0))  # annotators agree: undefined

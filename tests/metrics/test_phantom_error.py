@@ -33,3 +33,10 @@ def test_perfect_is_zero_and_empty_is_nan() -> None:
 def test_rejects_invalid_true_probability() -> None:
     with pytest.raises(ValueError, match=r"true probability p\* must lie in \[0, 1\]"):
         probability_error(np.array([0.5]), np.array([1.5]))
+
+
+def test_ambiguity_band_is_strict_open_interval() -> None:
+    from mobseg.metrics.phantom import ambiguity_band
+
+    q = np.array([0.0, 0.01, 0.0100001, 0.5, 0.9899999, 0.99, 1.0])
+    assert ambiguity_band(q).tolist() == [False, False, True, True, True, False, False]

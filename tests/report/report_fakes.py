@@ -85,6 +85,9 @@ RUNS = {
     "mob-b3-r16": (HeadConfig("mob"), 1.5, 0.3),
 }
 
+#: A fine-tuned deterministic control (its variance map is zero, as predict writes it).
+CONTROL = {"deterministic": (HeadConfig("deterministic"), 1.1, 1.0)}
+
 
 def build_study(
     root: Path,
@@ -92,19 +95,27 @@ def build_study(
     seeds: tuple[int, ...] = (0, 1),
     runs: dict | None = None,
     cases: tuple[str, ...] = CASES,
+    source: str = "phantom",
 ) -> Workspace:
-    """Write the fake workdir; returns its Workspace."""
+    """Write the fake workdir; returns its Workspace.
+
+    ``source="phantom"`` writes two more annotators and p* per case (the
+    metrics against the truth apply); ``"folder"`` only the one segmentation
+    of a real source (no truth, no GED).
+    """
     runs = RUNS if runs is None else runs
     ws = Workspace(root).ensure()
     rng = np.random.default_rng(0)
     raw = ws.nnunet_raw / f"Dataset501_{organ}"
-    source = ws.sources / "phantom"
+    source_dir = ws.sources / source
     for i, case in enumerate(cases):
         write(ct_volume(i, rng), raw / "imagesTs" / f"{case}_0000.nii.gz")
         write(gt_mask(i), raw / "labelsTs" / f"{case}.nii.gz")
         # phantom-style raters and p*: annotator 0 = the label, two shifted raters
-        write(gt_mask(i), source / case / "segmentations" / f"{organ}.nii.gz")
-        side = source / case / SIDE_DIR / organ
+        write(gt_mask(i), source_dir / case / "segmentations" / f"{organ}.nii.gz")
+        if source != "phantom":
+            continue
+        side = source_dir / case / SIDE_DIR / organ
         for k, shift in ((1, -1.0), (2, 1.5)):
             mask = (signed_distance(i) + shift < 0).astype(np.uint8)
             write(mask, side / f"annotator_{k}.nii.gz")
@@ -115,8 +126,8 @@ def build_study(
     man = Manifest(ws.manifest_path)
     with man.running("prepare", prepare_key(organ), {"organ": organ}) as out:
         out.update(
-            source="phantom",
-            source_dir=str(source),
+            source=source,
+            source_dir=str(source_dir),
             raw_dir=str(raw.relative_to(ws.root)),
             splits_json=str(splits.relative_to(ws.root)),
             counts={"train": 20, "val": 5, "test": len(cases), "excluded": 2},
@@ -126,6 +137,8 @@ def build_study(
             pred_dir = ws.prediction_dir(organ, tag, seed)
             for i, case in enumerate(cases):
                 pr = prediction(i, quality + 0.1 * seed, shift - 0.2 * seed)
+                if head is not None and head.method == "deterministic":
+                    pr["var"] = np.zeros_like(pr["var"])
                 for name, arr in pr.items():
                     write(arr, pred_dir / f"{case}_{name}.nii.gz")
                 write((pr["prob"] > 0.5).astype(np.uint8), pred_dir / f"{case}_seg.nii.gz")

@@ -150,3 +150,68 @@ def test_uncertainty_table_shows_diversities_without_a_best() -> None:
     assert mob[col["Annotator div."]].plain() == "0.300 \u00b1 0.000"
     assert mob[col["GED\u00b2"]].bold and not diag[col["GED\u00b2"]].bold  # lower is better
     assert not any(r[col["Sample div."]].bold or r[col["Annotator div."]].bold for r in table.rows)
+
+
+def test_nll_blocks_get_the_digits_that_separate_different_means() -> None:
+    from mobseg.report.tables import REGIONS, fit_decimals
+
+    res = StudyResults()
+    # whole-volume NLL 0.00412 vs 0.00438 (equal at 3 decimals), ROI 0.21 vs 0.25
+    for tag, method, nll, roi in (
+        ("mob-b3-r16", "mob", 0.00412, 0.21),
+        ("diagonal", "diagonal", 0.00438, 0.25),
+    ):
+        res.runs.append(_run("pancreas", tag, method, 0, nll=nll, nll_roi=roi))
+    table = metric_table(
+        res,
+        name="t3",
+        title="Table 3: NLL",
+        caption="c",
+        metric="nll",
+        scale=1.0,
+        decimals=3,
+        higher_is_better=False,
+        paper=None,
+        regions=REGIONS,
+    )
+    assert table.columns[:3] == ["Region", "Method", "Pancreas"] and table.label_columns == 2
+    rows = {(r[0].text, r[1].text): r[2] for r in table.rows}
+    mob, diag = rows[("Whole volume", "Mixture-of-Bases")], rows[("Whole volume", "Diagonal")]
+    assert (mob.plain(), diag.plain()) == ("0.0041", "0.0044") and mob.bold and not diag.bold
+    mob_roi, diag_roi = rows[("ROI", "Mixture-of-Bases")], rows[("ROI", "Diagonal")]
+    assert (mob_roi.plain(), diag_roi.plain()) == ("0.210", "0.250") and mob_roi.bold
+    assert sorted(table.rules) == [5]  # one rule between the two blocks of the five paper rows
+    # equal means stay a tie (bold together) however many digits are tried
+    cells = [Cell(mean=0.1234567891), Cell(mean=0.1234567892), Cell(text="x")]
+    fit_decimals(cells, 2)
+    assert cells[0].decimals == 2 and cells[2].decimals == 2
+
+
+def test_truth_table_is_dashes_without_phantom_results_and_marks_best_with_them() -> None:
+    from mobseg.report.tables import truth_table
+
+    res = StudyResults()
+    for seed in (0, 1):
+        res.runs.append(_run("pancreas", "mob-b3-r16", "mob", seed, dice=0.8))
+    empty = truth_table(res)
+    assert len(empty.rows) == 1 and all(c.plain() == "-" for c in empty.rows[0][2:-1])
+    for seed, (nll, corr) in enumerate([(0.30, 0.8), (0.32, 0.9)]):
+        res.runs[seed].summary.update(pstar_nll_band=nll, pstar_var_corr_band=corr)
+    res.runs.append(
+        _run(
+            "pancreas",
+            "deterministic",
+            "deterministic",
+            0,
+            pstar_nll_band=0.5,
+            pstar_var_ratio_band=0.0,
+        )
+    )
+    table = truth_table(res)
+    col = {h: i for i, h in enumerate(table.columns)}
+    rows = {r[1].text: r for r in table.rows}
+    mob, control = rows["Mixture-of-Bases"], rows["Deterministic (fine-tuned control)"]
+    assert mob[col["NLL*"]].plain() == "0.310 \u00b1 0.014" and mob[col["NLL*"]].bold
+    assert control[col["NLL*"]].plain() == "0.500" and not control[col["NLL*"]].bold
+    assert control[col["Var ratio"]].plain() == "0.000" and not control[col["Var ratio"]].bold
+    assert control[col["corr(Var, p*(1-p*))"]].plain() == "-"

@@ -90,16 +90,64 @@ def test_filters_by_method_and_seed(study: Workspace) -> None:
         run(study, EvaluateParams(organ="pancreas", head=HeadConfig("lowrank"), seed=0))
 
 
-def test_roi_region_has_its_own_key_and_files(study: Workspace) -> None:
-    recs = run(study, EvaluateParams(organ="pancreas", seed=0, region="roi", margin=2))
+def test_roi_and_truth_columns_come_from_the_same_run(study: Workspace) -> None:
+    from mobseg.metrics import expected_calibration_error, negative_log_likelihood, roi_slices
+    from mobseg.metrics.expected import expected_nll
+
+    recs = run(study, EvaluateParams(organ="pancreas", seed=0, margin=2))
     assert {r.key for r in recs} == {
-        "evaluate/pancreas/diagonal/seed0/roi",
-        "evaluate/pancreas/mob-b3-r16/seed0/roi",
+        "evaluate/pancreas/diagonal/seed0",
+        "evaluate/pancreas/mob-b3-r16/seed0",
     }
-    rec = recs[0]
-    assert rec.outputs["metrics_csv"].endswith("metrics_roi.csv")
+    rec = next(r for r in recs if "/mob-b3-r16/" in r.key)
+    assert rec.outputs["metrics_version"] == 2
     rows, pooled = read_metrics_csv(study.root / rec.outputs["metrics_csv"])
-    assert pooled is not None and pooled["n_voxels"] < 3 * np.prod(fakes.SHAPE)
+    assert pooled is not None and pooled["n_voxels_roi"] < pooled["n_voxels"]
+    # case 0 recomputed from the generators: ROI box of G or S plus 2 voxels, and p*
+    pr = fakes.prediction(0, 1.5, 0.3)["prob"]
+    gt = fakes.gt_mask(0)
+    box = roi_slices(pr, gt, 2)
+    assert rows[0]["n_voxels_roi"] == pr[box].size
+    assert rows[0]["ece_roi"] == pytest.approx(expected_calibration_error(pr[box], gt[box]))
+    assert rows[0]["nll_roi"] == pytest.approx(negative_log_likelihood(pr[box], gt[box]))
+    assert rows[0]["nll"] == pytest.approx(negative_log_likelihood(pr, gt))
+    q = fakes.true_probability(0)
+    band = (q > np.float32(0.01)) & (q < np.float32(0.99))
+    assert rows[0]["n_voxels_band"] == int(band.sum()) > 0
+    assert rows[0]["pstar_nll_band"] == pytest.approx(expected_nll(pr[band], q[band]), rel=1e-6)
+    assert rows[0]["pstar_nll"] == pytest.approx(expected_nll(pr, q), rel=1e-6)
+    assert not math.isnan(rows[0]["pstar_var_corr_band"])
+    summary = rec.outputs["summary"]
+    for key in ("nll_roi", "ece_roi", "mce_roi", "pstar_nll_band", "pstar_var_ratio_band"):
+        assert summary[key] == pytest.approx(pooled[key]), key
+    # the reliability bins of the ROI, and the binned Var[p] against p*(1 - p*) of the band
+    rel_roi = json.loads((study.root / rec.outputs["reliability_roi_json"]).read_text())
+    assert sum(rel_roi["count"]) == pooled["n_voxels_roi"]
+    truth = json.loads((study.root / rec.outputs["truth_json"]).read_text())
+    assert truth["band"] == [0.01, 0.99]
+    assert sum(truth["variance_curve_band"]["count"]) == pooled["n_voxels_band"]
+    # summary.csv carries both variants side by side
+    with open(study.root / "evaluation" / "pancreas" / "summary.csv", newline="") as fh:
+        agg = {r["tag"]: r for r in csv.DictReader(fh)}
+    assert float(agg["mob-b3-r16"]["nll_roi_mean"]) == pytest.approx(summary["nll_roi"])
+    assert float(agg["mob-b3-r16"]["pstar_mae_band_mean"]) == pytest.approx(
+        summary["pstar_mae_band"]
+    )
+
+
+def test_records_of_an_older_metrics_version_are_evaluated_again(study: Workspace) -> None:
+    (first,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
+    man = Manifest(study.manifest_path)
+
+    def downgrade(rec):  # type: ignore[no-untyped-def]
+        del rec.outputs["metrics_version"]
+        return rec
+
+    man.update(first.key, downgrade)
+    (again,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
+    assert again.attempts == 2 and again.outputs["metrics_version"] == 2
+    (skipped,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
+    assert skipped.attempts == 2
 
 
 def test_without_predictions_names_the_command(tmp_path: Path) -> None:
@@ -151,6 +199,18 @@ def test_standalone_mode_scores_any_folder(study: Workspace, tmp_path: Path) -> 
     assert len(rows) == 3 and pooled is not None and pooled["n_cases"] == 3
     assert rec.outputs["dice"] == pytest.approx(pooled["dice"])
     assert Manifest(study.manifest_path).find("evaluate") == []  # nothing recorded
+    assert pooled["n_voxels_roi"] < pooled["n_voxels"]  # ROI columns in standalone mode too
+    assert math.isnan(pooled["pstar_mae"])  # no p* given
+    # <case>_p_true.nii.gz beside the masks: the metrics against p*
+    gt2 = tmp_path / "gt2"
+    shutil.copytree(gt, gt2)
+    for i, case in enumerate(fakes.CASES):
+        fakes.write(fakes.true_probability(i), gt2 / f"{case}_p_true.nii.gz")
+    run(study, EvaluateParams(pred=pred, gt=gt2, out=out))
+    rows, pooled = read_metrics_csv(out)
+    q = fakes.true_probability(0)
+    pr = fakes.prediction(0, 1.5, 0.3)["prob"]
+    assert rows[0]["pstar_mae"] == pytest.approx(np.abs(pr - q.astype(np.float64)).mean())
     with pytest.raises(ConfigurationError, match="--pred, --gt and --out together"):
         run(study, EvaluateParams(pred=pred, out=out))
     with pytest.raises(ConfigurationError, match="cannot be combined"):
@@ -174,5 +234,5 @@ def test_cli_standalone_success_and_one_line_errors(study: Workspace, tmp_path: 
     assert bad.exit_code == 1
     lines = [ln for ln in bad.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and "case s0001" in lines[0] and "grid" in lines[0]
-    region = runner.invoke(app, [*args, "--organ", "pancreas", "--region", "box"])
-    assert region.exit_code == 1 and "--region must be all or roi" in region.output
+    margin = runner.invoke(app, [*args, "--organ", "pancreas", "--margin", "-1"])
+    assert margin.exit_code == 1 and "--margin must be >= 0" in margin.output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import csv
 import re
 from pathlib import Path
 
@@ -23,7 +24,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def reported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]:
-    ws = fakes.build_study(tmp_path_factory.mktemp("study") / "work")
+    runs = {**fakes.RUNS, **fakes.CONTROL}
+    ws = fakes.build_study(tmp_path_factory.mktemp("study") / "work", runs=runs)
     evaluate.run(ws, evaluate.EvaluateParams(organ="pancreas"))
     rec = run(ws, ReportParams())
     return ws, rec.outputs
@@ -32,20 +34,21 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]
 def test_writes_tables_figures_and_documents(reported: tuple[Workspace, dict]) -> None:
     ws, out = reported
     root = ws.report_dir
-    for name in ("splits", "dice", "nll", "calibration", "uncertainty", "runs"):
+    for name in ("splits", "dice", "nll", "calibration", "uncertainty", "truth", "runs"):
         stems = [p for p in (root / "tables").glob(f"table*_{name}.*")]
         assert sorted(p.suffix for p in stems) == [".csv", ".md", ".tex"], name
     assert set(out["figures"]) == {
         "figures/reliability.png",
         "figures/dice_vs_bases.png",
         "figures/risk_coverage.png",
+        "figures/variance_truth.png",
         "figures/case_pancreas.png",
     }
     for fig in out["figures"]:
         with Image.open(root / fig) as im:
             assert im.format == "PNG" and im.size[0] > 600 and im.size[1] > 400
     rec = Manifest(ws.manifest_path).get("report")
-    assert rec is not None and rec.status == "done" and rec.outputs["runs"] == 4
+    assert rec is not None and rec.status == "done" and rec.outputs["runs"] == 6
 
 
 def test_every_run_is_listed_and_missing_cells_are_dashes(
@@ -66,8 +69,70 @@ def test_every_run_is_listed_and_missing_cells_are_dashes(
     mob = next(ln for ln in dice.splitlines() if ln.startswith("| Mixture-of-Bases |"))
     assert "**" in mob.split("|")[2]  # the better fake method is bold
     assert "\u00b1" in mob.split("|")[2]  # two seeds: mean +- std
-    for caption in ("Figure 1: Reliability", "Figure 2: Risk-coverage", "Figure 3: Dice"):
+    captions = ("Figure 1: Reliability", "Figure 2: Risk-coverage", "Figure 3: Learned variance")
+    for caption in (*captions, "Figure 4: Dice", "Figure 5: Pancreas"):
         assert caption in md and caption in page
+
+
+def test_nll_and_calibration_have_a_roi_block_with_the_paper_beside_it(
+    reported: tuple[Workspace, dict],
+) -> None:
+    from mobseg.report.collect import collect
+
+    ws, _ = reported
+    nll = (ws.report_dir / "tables" / "table3_nll.md").read_text().splitlines()
+    whole = [ln for ln in nll if ln.startswith("| Whole volume |")]
+    roi = [ln for ln in nll if ln.startswith("| ROI |")]
+    assert len(whole) == len(roi) == 6  # five paper rows and the fine-tuned control
+    mob_whole = next(ln for ln in whole if "| Mixture-of-Bases |" in ln).split("|")
+    mob_roi = next(ln for ln in roi if "| Mixture-of-Bases |" in ln).split("|")
+    assert mob_whole[4].strip() == "-" and mob_roi[4].strip() == "*0.21 ± 0.01*"
+    # the numbers are the records' summaries, ROI above whole volume, enough digits
+    runs = [r for r in collect(ws).runs if r.tag == "mob-b3-r16"]
+    assert all(r.value("nll_roi") > r.value("nll") for r in runs)
+    got = [ln.split("|")[3].strip().strip("*") for ln in whole]
+    numbers = [t.split(" ")[0] for t in got if t != "-"]
+    assert len(set(numbers)) == len(numbers) == 3  # three runs, three different printed means
+    assert sum("**" in ln.split("|")[3] for ln in whole) == 1  # one best, no tie
+    cal = (ws.report_dir / "tables" / "table4_calibration.md").read_text()
+    assert "| ROI | Mixture-of-Bases |" in cal and "*0.014 ± 0.0*" in cal
+    assert "table4b" not in " ".join(p.name for p in (ws.report_dir / "tables").iterdir())
+
+
+def test_against_the_truth_section(reported: tuple[Workspace, dict]) -> None:
+    ws, out = reported
+    md = Path(out["report_md"]).read_text()
+    assert "## Against the truth" in md and "Table 5b: Against the truth" in md
+    with open(ws.report_dir / "tables" / "table5b_truth.csv", newline="") as fh:
+        csv_rows = list(csv.DictReader(fh))
+    assert {r["row"] for r in csv_rows} == {
+        "Diagonal",
+        "Mixture-of-Bases",
+        "Deterministic (fine-tuned control)",
+    }
+    control = {r["metric"]: r for r in csv_rows if r["tag"] == "deterministic"}
+    assert control["pstar_var_corr_band"]["mean"] == ""  # zero variance map: no correlation,
+    assert float(control["pstar_var_ratio_band"]["mean"]) == 0.0  # ratio 0,
+    assert float(control["pstar_nll_band"]["mean"]) > 0  # but the scores against p* exist
+    mob = next(r for r in csv_rows if r["tag"] == "mob-b3-r16" and r["metric"] == "pstar_nll_band")
+    summaries = [
+        Manifest(ws.manifest_path).get(f"evaluate/pancreas/mob-b3-r16/seed{s}") for s in (0, 1)
+    ]
+    vals = [rec.outputs["summary"]["pstar_nll_band"] for rec in summaries if rec]
+    assert float(mob["mean"]) == pytest.approx(sum(vals) / 2)
+    assert "has the lowest expected NLL in the ambiguity band" in md
+
+
+def test_a_study_without_truth_renders_dashes(tmp_path: Path) -> None:
+    ws = fakes.build_study(tmp_path / "w", seeds=(0,), source="folder")
+    evaluate.run(ws, evaluate.EvaluateParams(organ="pancreas"))
+    rec = run(ws, ReportParams())
+    md = Path(rec.outputs["report_md"]).read_text()
+    assert "No run was evaluated against a known truth" in md
+    assert "figures/variance_truth.png" not in rec.outputs["figures"]
+    truth = (ws.report_dir / "tables" / "table5b_truth.md").read_text().splitlines()
+    body = [ln.split("|")[3:-2] for ln in truth[2:]]
+    assert body and all(c.strip() == "-" for row in body for c in row)
 
 
 def test_html_is_self_contained(reported: tuple[Workspace, dict]) -> None:
