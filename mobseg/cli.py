@@ -345,8 +345,32 @@ def predict(
     input: Annotated[
         Path | None, typer.Option("--input", "-i", help="CT file or folder; default: test split.")
     ] = None,
-    samples: Annotated[int, typer.Option(help="k, samples of the logits per tile.")] = 30,
-    tta: Annotated[bool, typer.Option(help="Mirroring test-time augmentation.")] = False,
+    samples: Annotated[
+        int,
+        typer.Option(
+            help="k, Monte-Carlo samples per voxel for models with more than two classes "
+            "(two-class maps are computed exactly, by quadrature)."
+        ),
+    ] = 30,
+    tta: Annotated[
+        bool,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Mirroring test-time augmentation, as in nnU-Net (the mirrored passes' "
+            "distributions are averaged).",
+        ),
+    ] = True,
+    disable_tta: Annotated[
+        bool, typer.Option("--disable-tta", help="Same as --no-tta (nnU-Net's spelling).")
+    ] = False,
+    save: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated maps to write: seg, prob, var, entropy, mi, and logits "
+            "(two classes: <case>_logit_mean / _logit_var, the mean and variance of the "
+            "logit difference). The segmentation is always written.",
+        ),
+    ] = "seg,prob,var,entropy,mi",
     save_samples: Annotated[
         int,
         typer.Option(
@@ -371,7 +395,7 @@ def predict(
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
-    """Predict segmentation, probability, variance and entropy maps (Monte-Carlo, one pass)."""
+    """Predict segmentation, probability, variance, entropy and MI maps (one pass per tile)."""
     from mobseg.stages import predict as stage
 
     def go() -> Any:
@@ -385,7 +409,8 @@ def predict(
             seed=seed,
             input=input,
             samples=samples,
-            tta=tta,
+            tta=tta and not disable_tta,
+            save=tuple(s.strip() for s in save.split(",") if s.strip()),
             out=out_dir,
             device=device,
             save_samples=save_samples,

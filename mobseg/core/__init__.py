@@ -8,7 +8,8 @@ can read :mod:`mobseg.core.config` without loading torch):
 * :mod:`mobseg.core.distributions` -- the five reparameterised logit distributions.
 * :mod:`mobseg.core.heads` -- decoder features -> distribution parameters.
 * :mod:`mobseg.core.losses` -- CE + Dice over k samples, KL, orthogonality, entropy.
-* :mod:`mobseg.core.inference` -- chunked Monte-Carlo moments of softmax(eta).
+* :mod:`mobseg.core.inference` -- per-voxel distribution parameters and the maps from them.
+* :mod:`mobseg.core.quadrature` -- exact two-class moments by quadrature.
 * :mod:`mobseg.core.registry` -- METHODS: name -> (distribution, head); build_head.
 
 See docs/methods.md.

@@ -1,35 +1,36 @@
-"""Export of stitched Monte-Carlo moments to the CT's original grid (SPEC sections 5, 7).
+"""Export of stitched distribution parameters to the CT's original grid (SPEC sections 5, 7).
 
-nnU-Net's own exporter averages logits and applies softmax; the moments here
-are already probabilities, so they get their own export that undoes nnU-Net's
-preprocessing in the same order as nnU-Net's export does:
+nnU-Net's own exporter resamples the stitched logits to the CT's grid and
+only then applies softmax. mobseg does the same with the per-voxel
+parameters of the logit distribution (for C = 2 the mean m and variance s^2
+of d = eta_1 - eta_0; see :mod:`mobseg.core.inference`), undoing nnU-Net's
+preprocessing in the order of nnU-Net's export:
 
-1. resample the 2C+1 moment channels from the preprocessed grid to the shape
-   after cropping, with the configuration's probability resampling (linear,
-   order 1; nearest along a separated anisotropic axis). Linear interpolation
-   is a convex combination, so the resampled moments are the moments of a
-   mixture and Var[p] >= 0 and MI >= 0 still hold;
+1. resample the P parameter channels from the preprocessed grid to the shape
+   after cropping with the configuration's probability resampling (the one
+   nnU-Net applies to logits: linear, order 1; nearest along a separated
+   anisotropic axis). Each resampled value is a convex combination of its
+   neighbours' values, so a variance stays >= 0 (a covariance PSD);
 2. put the crop back into the full volume (``bbox_used_for_cropping``);
-   voxels outside nnU-Net's non-zero crop get p(background) = 1 and zero
-   variance and entropy;
-3. undo nnU-Net's axis transpose (``transpose_backward``).
+   outside nnU-Net's non-zero crop the organ is certainly absent: m = -100,
+   s^2 = 0 (p = sigmoid(-100) = 4e-44);
+3. undo nnU-Net's axis transpose (``transpose_backward``);
+4. compute the maps there, voxel by voxel, from each voxel's own
+   distribution: exactly by quadrature for C = 2, by Monte Carlo for C > 2
+   (:func:`mobseg.core.inference.voxel_maps`). Moments are never
+   interpolated between voxels: between a voxel with p = 0 and one with
+   p = 1 that would give Var[p] = 0.25 and MI = ln 2 that no model predicted.
 
-Then, per voxel, with p = E[p] and s = E[p^2]:
-
-- segmentation = argmax_c p_c (uint8);
-- foreground probability p_1 (float32; C > 2: a vector image of p_1..p_{C-1});
-- Var[p_1] = s_1 - p_1^2, clipped at 0 (C > 2: a vector image);
-- predictive entropy H(p) = -sum_c p_c ln p_c (nats);
-- mutual information H(p) - E[H(p)], clipped at 0 (nats).
-
-For a point-mass model (``deterministic``, the backbone) Var and MI are 0 by
-definition: the spread between overlapping tiles of one deterministic
-network is not sampling variance.
+Per voxel: segmentation = argmax E[p] (uint8; for C = 2, m > 0); foreground
+E[p] (float32; C > 2: a vector image of classes 1..C-1); Var[p] of the
+foreground; predictive entropy H(E[p]) and mutual information
+H(E[p]) - E[H(p)] (nats). With ``logits`` in the saved maps and C = 2, also
+``<case>_logit_mean.nii.gz`` (m) and ``<case>_logit_var.nii.gz`` (s^2) on the
+CT's grid, from which every map can be recomputed.
 
 Sample label maps (``<case>_sample<k>.nii.gz``, uint8, k = 0..S-1) go through
-the same three steps with nnU-Net's segmentation resampling (each label
-resampled as a mask, order 1, threshold 0.5); outside the crop they are
-background.
+steps 1-3 with nnU-Net's segmentation resampling (each label resampled as a
+mask, order 1, threshold 0.5); outside the crop they are background.
 
 Files are written atomically on the grid (size, spacing, origin, direction)
 of the input CT, read from the input file's header.
@@ -44,21 +45,39 @@ import numpy as np
 import SimpleITK as sitk
 import torch
 
+from mobseg.core.inference import num_parameter_channels, voxel_maps
 from mobseg.data.nifti import Geometry, atomic_path, write_array
 
-#: Suffixes of the files written per case.
+#: Maps written per case by default (``seg`` is always written, last).
 OUTPUT_SUFFIXES: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
+#: Names ``--save`` accepts: the default maps, and ``logits`` (C = 2: m and s^2).
+SAVE_CHOICES: tuple[str, ...] = (*OUTPUT_SUFFIXES, "logits")
+#: The files of ``logits``.
+LOGIT_SUFFIXES: tuple[str, ...] = ("logit_mean", "logit_var")
+#: m outside nnU-Net's crop (certain background).
+OUTSIDE_LOGIT = -100.0
 
 
-def output_paths(out_dir: Path, case: str, samples: int = 0) -> dict[str, Path]:
+def file_suffixes(save: tuple[str, ...] = OUTPUT_SUFFIXES) -> tuple[str, ...]:
+    """The file suffixes of the maps ``save`` (``logits`` gives two files), ``seg`` last."""
+    out: list[str] = []
+    for name in save:
+        out.extend(LOGIT_SUFFIXES if name == "logits" else [name])
+    return (*[s for s in out if s != "seg"], "seg")
+
+
+def output_paths(
+    out_dir: Path, case: str, samples: int = 0, save: tuple[str, ...] = OUTPUT_SUFFIXES
+) -> dict[str, Path]:
     """``{suffix: <out_dir>/<case>_<suffix>.nii.gz}`` for every output.
 
     Args:
         out_dir: Output folder.
         case: Case id.
         samples: S sample label maps, named ``sample0`` .. ``sample<S-1>``.
+        save: The maps written (see :data:`SAVE_CHOICES`).
     """
-    suffixes = (*OUTPUT_SUFFIXES, *(f"sample{i}" for i in range(samples)))
+    suffixes = (*file_suffixes(save), *(f"sample{i}" for i in range(samples)))
     return {s: out_dir / f"{case}_{s}.nii.gz" for s in suffixes}
 
 
@@ -103,42 +122,46 @@ def read_geometry(path: str | Path) -> Geometry:
     )
 
 
-def moments_to_original_grid(
-    moments: torch.Tensor | np.ndarray,
+def parameters_to_original_grid(
+    params: torch.Tensor | np.ndarray,
     properties: dict[str, Any],
     plans_manager: Any,
     configuration_manager: Any,
     num_classes: int,
 ) -> np.ndarray:
-    """Undo resampling, cropping and transpose on the stitched moments.
+    """Undo resampling, cropping and transpose on stitched distribution parameters.
 
     Args:
-        moments: (2C+1, *preprocessed_shape): E[p], E[p^2], E[H(p)].
+        params: (P, *preprocessed_shape), see :func:`mobseg.core.inference.marginal_parameters`.
         properties: nnU-Net's case properties from preprocessing.
         plans_manager: nnU-Net's PlansManager.
         configuration_manager: nnU-Net's ConfigurationManager.
         num_classes: C.
 
     Returns:
-        (2C+1, *original_shape) float32 in the image file's array order
+        (P, *original_shape) float32 in the image file's array order
         (z, y, x for SimpleITK).
     """
-    m = moments.detach().cpu().numpy() if isinstance(moments, torch.Tensor) else moments
-    m = np.asarray(m, dtype=np.float32)
-    if m.ndim != 4 or m.shape[0] != 2 * num_classes + 1:
+    p = params.detach().cpu().numpy() if isinstance(params, torch.Tensor) else params
+    p = np.asarray(p, dtype=np.float32)
+    channels = num_parameter_channels(num_classes)
+    if p.ndim != 4 or p.shape[0] != channels:
         raise ValueError(
-            f"moments must have shape (2C+1, x, y, z) with C = {num_classes}, got {m.shape}"
+            f"parameters must have shape ({channels}, x, y, z) for C = {num_classes}, "
+            f"got {p.shape}"
         )
     shape_crop, current, spacing_t = _restore_geometry_args(
         properties, plans_manager, configuration_manager
     )
-    if tuple(m.shape[1:]) != tuple(shape_crop):
-        m = configuration_manager.resampling_fn_probabilities(m, shape_crop, current, spacing_t)
-        m = np.asarray(m, dtype=np.float32)
-    fill = np.zeros(m.shape[0], dtype=np.float32)
-    fill[0] = 1.0  # E[p_background] outside the crop
-    fill[num_classes] = 1.0  # E[p_background^2]
-    return _uncrop_untranspose(m, properties, plans_manager, fill)
+    if tuple(p.shape[1:]) != tuple(shape_crop):
+        p = configuration_manager.resampling_fn_probabilities(p, shape_crop, current, spacing_t)
+        p = np.asarray(p, dtype=np.float32)
+    fill = np.zeros(channels, dtype=np.float32)  # zero (co)variance outside the crop
+    if num_classes == 2:
+        fill[0] = OUTSIDE_LOGIT
+    else:
+        fill[1:num_classes] = OUTSIDE_LOGIT  # background logit 0, the others -100
+    return _uncrop_untranspose(p, properties, plans_manager, fill)
 
 
 def labels_to_original_grid(
@@ -174,36 +197,38 @@ def labels_to_original_grid(
     return _uncrop_untranspose(out, properties, plans_manager, np.zeros(len(out), np.uint8))
 
 
-def derive_maps(moments: np.ndarray, num_classes: int, point_mass: bool) -> dict[str, np.ndarray]:
-    """Segmentation, probability, variance, entropy and MI from moments.
+def derive_maps(
+    params: np.ndarray | torch.Tensor,
+    num_classes: int,
+    samples: int = 30,
+    generator: torch.Generator | None = None,
+) -> dict[str, np.ndarray]:
+    """The maps of every :data:`SAVE_CHOICES` file from parameters on one grid.
 
     Args:
-        moments: (2C+1, *shape): E[p], E[p^2], E[H(p)].
+        params: (P, *shape) distribution parameters.
         num_classes: C.
-        point_mass: The model has no logit variance (Var and MI are 0).
+        samples: Monte-Carlo samples per voxel for C > 2.
+        generator: Random generator for C > 2.
 
     Returns:
         ``seg`` (uint8), ``prob``, ``var`` ((C-1, *shape) float32 for C > 2,
-        else (*shape)), ``entropy``, ``mi`` (float32).
+        else (*shape)), ``entropy``, ``mi`` (float32), and for C = 2
+        ``logit_mean`` and ``logit_var``.
     """
-    c = num_classes
-    p = np.clip(moments[:c], 0.0, 1.0)
-    s = moments[c : 2 * c]
-    expected_h = moments[2 * c]
-    seg = np.argmax(p, axis=0).astype(np.uint8)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        plogp = np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)
-    entropy = np.maximum(-plogp.sum(axis=0), 0.0).astype(np.float32)
-    if point_mass:
-        var = np.zeros_like(p[1:])
-        mi = np.zeros_like(entropy)
-    else:
-        var = np.maximum(s[1:] - p[1:] ** 2, 0.0).astype(np.float32)
-        mi = np.maximum(entropy - expected_h, 0.0).astype(np.float32)
-    fg = p[1:].astype(np.float32)
-    if c == 2:
-        fg, var = fg[0], var[0]
-    return {"seg": seg, "prob": fg, "var": var, "entropy": entropy, "mi": mi}
+    t = torch.as_tensor(np.asarray(params, dtype=np.float32))
+    maps = voxel_maps(t, num_classes, samples=samples, generator=generator)
+    out = {
+        "seg": maps.seg.numpy(),
+        "prob": maps.prob.float().numpy(),
+        "var": maps.var.float().numpy(),
+        "entropy": maps.entropy.float().numpy(),
+        "mi": maps.mi.float().numpy(),
+    }
+    if num_classes == 2:
+        out["logit_mean"] = t[0].numpy()
+        out["logit_var"] = t[1].clamp_min(0).numpy()
+    return out
 
 
 def _write_vector(array: np.ndarray, geo: Geometry, path: Path) -> None:
@@ -220,16 +245,22 @@ def _write_vector(array: np.ndarray, geo: Geometry, path: Path) -> None:
 
 
 def write_case(
-    maps: dict[str, np.ndarray], geometry: Geometry, out_dir: Path, case: str
+    maps: dict[str, np.ndarray],
+    geometry: Geometry,
+    out_dir: Path,
+    case: str,
+    save: tuple[str, ...] = OUTPUT_SUFFIXES,
 ) -> dict[str, Path]:
-    """Write the maps of one case on ``geometry`` (atomically); returns the paths.
+    """Write the maps ``save`` of one case on ``geometry`` (atomically); returns the paths.
 
     The segmentation is written last, so its presence marks a complete case.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(out_dir, case)
+    paths = output_paths(out_dir, case, save=save)
     dtypes = {"seg": np.uint8}
-    for name in (*[s for s in OUTPUT_SUFFIXES if s != "seg"], "seg"):
+    for name in file_suffixes(save):
+        if name not in maps:
+            raise ValueError(f"no {name!r} map for case {case!r} (two classes only?)")
         arr = maps[name]
         if arr.ndim == 4:
             _write_vector(arr.astype(np.float32), geometry, paths[name])
@@ -238,32 +269,34 @@ def write_case(
     return paths
 
 
-def export_moments(
-    moments: torch.Tensor | np.ndarray,
+def export_parameters(
+    params: torch.Tensor | np.ndarray,
     properties: dict[str, Any],
     plans_manager: Any,
     configuration_manager: Any,
     num_classes: int,
-    point_mass: bool,
     reference: str | Path,
     out_dir: Path,
     case: str,
     samples: torch.Tensor | np.ndarray | None = None,
+    save: tuple[str, ...] = OUTPUT_SUFFIXES,
+    mc_samples: int = 30,
 ) -> dict[str, Path]:
-    """Resample, uncrop, untranspose, derive the maps and write them for one case.
+    """Resample, uncrop, untranspose, compute the maps and write them for one case.
 
     Args:
-        moments: (2C+1, *preprocessed_shape) stitched moments.
+        params: (P, *preprocessed_shape) stitched distribution parameters.
         properties: nnU-Net's case properties from preprocessing.
         plans_manager: nnU-Net's PlansManager.
         configuration_manager: nnU-Net's ConfigurationManager.
         num_classes: C.
-        point_mass: The model has no logit variance.
         reference: The input CT; the outputs get its exact grid.
         out_dir: Output folder.
         case: Case identifier (file prefix).
         samples: (S, *preprocessed_shape) sample label maps, written as
             ``<case>_sample<k>.nii.gz`` before the segmentation; None = none.
+        save: The maps to write (:data:`SAVE_CHOICES`); the segmentation always.
+        mc_samples: Monte-Carlo samples per voxel for C > 2.
 
     Returns:
         The written files by suffix.
@@ -272,15 +305,15 @@ def export_moments(
         ValueError: the restored array does not match the reference grid.
     """
     geo = read_geometry(reference)
-    full = moments_to_original_grid(
-        moments, properties, plans_manager, configuration_manager, num_classes
+    full = parameters_to_original_grid(
+        params, properties, plans_manager, configuration_manager, num_classes
     )
     if tuple(full.shape[1:]) != tuple(reversed(geo.size)):
         raise ValueError(
             f"restored prediction {full.shape[1:]} does not match the input grid "
             f"{tuple(reversed(geo.size))} (z, y, x)"
         )
-    maps = derive_maps(full, num_classes, point_mass)
+    maps = derive_maps(full, num_classes, samples=mc_samples)
     written: dict[str, Path] = {}
     if samples is not None and len(samples):
         restored = labels_to_original_grid(
@@ -292,4 +325,4 @@ def export_moments(
             write_array(lab, geo, path, dtype=np.uint8)
             written[f"sample{i}"] = path
     # the segmentation is written last (write_case), so it marks a complete case
-    return {**written, **write_case(maps, geo, out_dir, case)}
+    return {**written, **write_case(maps, geo, out_dir, case, save)}

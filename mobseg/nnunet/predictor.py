@@ -1,30 +1,29 @@
-"""Monte-Carlo sliding-window inference on nnU-Net's predictor (SPEC section 5).
+"""Sliding-window inference of per-voxel logit distributions on nnU-Net's predictor.
 
-This module imports nnunetv2: import it after
+SPEC section 5. This module imports nnunetv2: import it after
 :func:`mobseg.nnunet.env.setup_nnunet`.
 
-:class:`MCPredictor` subclasses nnU-Net's ``nnUNetPredictor`` and keeps its
-padding, tiling and Gaussian weighting, but changes what a tile produces and
-what is stitched:
+:class:`HeadPredictor` subclasses nnU-Net's ``nnUNetPredictor`` and keeps its
+padding, tiling and Gaussian weighting, but changes what a tile produces:
 
-1. per tile, ONE forward pass of the backbone gives the decoder features and
-   mu; the head's distribution is sampled k times (in chunks, never k
-   full-volume tensors) and reduced to three moments per voxel,
-   E[p] (C channels), E[p^2] (C channels) and E[H(p)] (1 channel), with
-   H(p) = -sum_c p_c ln p_c (see :func:`mobseg.core.inference.mc_moments`;
-   with two classes the samples are drawn through the per-voxel distribution
-   of eta_1 - eta_0, :func:`binary_marginal_moments`, which gives the same
-   distribution of p at a fraction of the cost);
-2. mirrored passes (``--tta``) are more samples: their moments are averaged
-   with equal weight;
-3. the 2C+1 moment channels of all tiles are stitched with nnU-Net's Gaussian
-   importance weights g: M(v) = sum_t g_t(v) m_t(v) / sum_t g_t(v), in float32;
-4. from the stitched moments: Var[p] = E[p^2] - E[p]^2, the predictive entropy
-   H(E[p]) and the mutual information H(E[p]) - E[H(p)] (done at export,
-   :mod:`mobseg.nnunet.export`).
+1. per tile, ONE forward pass of the backbone gives the decoder features, mu
+   and the head's distribution; from it the per-voxel parameters of each
+   voxel's marginal logit distribution
+   (:func:`mobseg.core.inference.marginal_parameters`: for C = 2 the mean and
+   variance of d = eta_1 - eta_0, two channels, as many as nnU-Net's logits);
+2. mirrored passes (test-time augmentation, on by default as in nnU-Net)
+   average these parameters with equal weight, as nnU-Net averages logits;
+3. tiles are stitched with nnU-Net's Gaussian importance weights g:
+   theta(v) = sum_t g_t(v) theta_t(v) / sum_t g_t(v), in float32.
 
-Memory: the accumulators hold (2C+1) float32 values per voxel plus one weight
-map, whatever k is.
+Averaging parameters treats the passes that see one voxel as nnU-Net treats
+them: one prediction, refined (the mean logit difference is nnU-Net's own
+averaged logit difference, the variance the average of the heads'
+variances). No moment is computed here: E[p], Var[p], entropy and MI are
+computed from the parameters after they are resampled to the CT's grid
+(:mod:`mobseg.nnunet.export`), so no map is ever interpolated between
+voxels. Memory: P float32 values per voxel plus one weight map, P = 2 for
+two classes.
 
 Sample masks (``save_samples`` = S > 0, for GED and sample diversity): per
 tile, S joint samples of the logits from the same forward pass (the first,
@@ -35,9 +34,6 @@ is nearest). Every voxel's label is then an exact draw from that tile's
 predictive distribution, and the spatial correlation of the covariance model
 holds inside each tile; across the seams between tiles the S samples are
 independent. This costs S bytes per voxel plus one float32 map.
-
-A point-mass distribution (the ``deterministic`` method and the pretrained
-backbone) is sampled once (k = 1): its samples are all equal.
 """
 
 from __future__ import annotations
@@ -51,123 +47,16 @@ import torch
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
+from mobseg.core.inference import marginal_parameters, num_parameter_channels
 from mobseg.nnunet.env import quiet
 
 log = logging.getLogger(__name__)
 
 
-def tile_moments(dist: Any, k: int, chunk: int) -> torch.Tensor:
-    """The 2C+1 moment channels of one tile.
+class HeadPredictor(nnUNetPredictor):
+    """nnU-Net predictor that stitches per-voxel distribution parameters (module docstring).
 
     Args:
-        dist: A logit distribution of :mod:`mobseg.core` over (B, C, *spatial).
-        k: Monte-Carlo samples.
-        chunk: Samples drawn at once.
-
-    Returns:
-        (B, 2C+1, *spatial): E[p] (channels 0..C-1), E[p^2] (C..2C-1),
-        E[H(p)] (last channel), float32.
-
-    Two-class distributions of :mod:`mobseg.core` are sampled through the
-    logit difference (:func:`binary_marginal_moments`); anything else through
-    :func:`mobseg.core.inference.mc_moments`.
-    """
-    from mobseg.core.distributions import LogitDistribution
-    from mobseg.core.inference import mc_moments
-
-    if isinstance(dist, LogitDistribution) and dist.num_classes == 2 and not dist.is_deterministic:
-        return binary_marginal_moments(dist, k, chunk)
-    mom = mc_moments(dist, k, chunk)
-    mean_p = mom.mean_p
-    ent = mom.mean_entropy
-    if ent.dim() == mean_p.dim() - 1:
-        ent = ent.unsqueeze(1)
-    if ent.shape[1] != 1 or mean_p.shape != mom.mean_p2.shape:
-        raise ValueError(
-            f"unexpected moment shapes: mean_p {tuple(mean_p.shape)}, mean_p2 "
-            f"{tuple(mom.mean_p2.shape)}, mean_entropy {tuple(mom.mean_entropy.shape)}"
-        )
-    return torch.cat([mean_p.float(), mom.mean_p2.float(), ent.float()], dim=1)
-
-
-#: Default memory budget of one chunk of samples: values per class (2^22 = 16 MB float32).
-CHUNK_ELEMENTS = 2**22
-
-
-@torch.no_grad()
-def binary_marginal_moments(
-    dist: Any, k: int, chunk: int, generator: torch.Generator | None = None
-) -> torch.Tensor:
-    """The 2C+1 = 5 moment channels of a two-class tile, sampled through the logit difference.
-
-    The moments are per-voxel expectations, so they depend only on each voxel's
-    marginal logit distribution N(mu_n, Sigma_n) (``dist.voxel_covariance()``,
-    exact for every method, the low-rank one included), never on how voxels are
-    correlated. With C = 2, softmax(eta) depends only on d = eta_1 - eta_0,
-    and d_n ~ N(mu_1 - mu_0, Sigma_11 + Sigma_00 - 2 Sigma_01). Drawing k
-    samples of d_n (one normal per voxel instead of C + R or C) gives samples
-    of p with exactly the distribution of sampling eta and applying softmax:
-
-        p_1 = sigmoid(d),  p_0 = 1 - p_1,
-        H(p) = -(p_1 ln p_1 + p_0 ln p_0) = softplus(-d) + p_0 d
-        (from ln p_1 = -softplus(-d) and ln p_0 = ln p_1 - d).
-
-    Args:
-        dist: A two-class logit distribution of :mod:`mobseg.core`.
-        k: Samples per voxel.
-        chunk: Samples drawn at once.
-        generator: Optional random generator.
-
-    Returns:
-        (B, 5, *sp) float32: E[p_0], E[p_1], E[p_0^2], E[p_1^2], E[H(p)].
-    """
-    mu = dist.mean
-    if mu.shape[1] != 2:
-        raise ValueError(f"binary_marginal_moments needs C = 2, got mean {tuple(mu.shape)}")
-    if k < 1 or chunk < 1:
-        raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
-    with torch.autocast(device_type=mu.device.type, enabled=False) if mu.is_cuda else _null():
-        cov = dist.voxel_covariance().float()  # (B, *sp, 2, 2)
-        var = (cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]).clamp_min(0)
-        std = var.sqrt().unsqueeze(1)  # (B, 1, *sp)
-        mu = mu.float()
-        loc = mu[:, 1:2] - mu[:, 0:1]
-        s1 = torch.zeros_like(loc)
-        s2 = torch.zeros_like(loc)
-        sh = torch.zeros_like(loc)
-        done = 0
-        while done < k:
-            c = min(chunk, k - done)
-            z = torch.randn((c, *loc.shape), generator=generator, device=loc.device)
-            d = torch.addcmul(loc, std, z)  # (c, B, 1, *sp)
-            p1 = torch.sigmoid(d)
-            # H = -p1 ln p1 - p0 ln p0 = softplus(-d) + p0 * d   (ln p1 = -softplus(-d))
-            h = torch.nn.functional.softplus(-d).add_(d.mul_(1 - p1))
-            s1 += p1.sum(0)
-            s2 += p1.square_().sum(0)
-            sh += h.sum(0)
-            done += c
-    m1, m2, h = s1 / k, s2 / k, sh / k
-    m0 = 1 - m1
-    m0sq = 1 - 2 * m1 + m2
-    return torch.cat([m0, m1, m0sq, m2, h], dim=1)
-
-
-class _null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
-
-
-class MCPredictor(nnUNetPredictor):
-    """nnU-Net predictor that stitches Monte-Carlo moments (see the module docstring).
-
-    Args:
-        samples: k, samples of the logits per tile (and per mirrored pass).
-        chunk: Samples drawn at once (bounds the memory of one tile); None = as many
-            as fit in :data:`CHUNK_ELEMENTS` values per class.
         tile_step_size: Sliding-window step as a fraction of the patch.
         use_mirroring: Mirroring test-time augmentation.
         device: Torch device.
@@ -177,10 +66,8 @@ class MCPredictor(nnUNetPredictor):
 
     def __init__(
         self,
-        samples: int = 30,
-        chunk: int | None = None,
         tile_step_size: float = 0.5,
-        use_mirroring: bool = False,
+        use_mirroring: bool = True,
         device: torch.device | str = "cpu",
         save_samples: int = 0,
     ) -> None:
@@ -196,17 +83,11 @@ class MCPredictor(nnUNetPredictor):
                 verbose_preprocessing=False,
                 allow_tqdm=False,
             )
-        if samples < 1:
-            raise ValueError(f"samples must be >= 1, got {samples}")
-        self.samples = samples
-        if chunk is not None and chunk < 1:
-            raise ValueError(f"chunk must be >= 1, got {chunk}")
-        self.chunk = chunk
         if save_samples < 0:
             raise ValueError(f"save_samples must be >= 0, got {save_samples}")
         self.save_samples = save_samples
         self.point_mass = False
-        #: (S, *shape) uint8 label maps of the last :meth:`predict_moments` call, or None.
+        #: (S, *shape) uint8 label maps of the last :meth:`predict_parameters` call, or None.
         self.last_samples: torch.Tensor | None = None
         self._tile_labels: torch.Tensor | None = None
 
@@ -233,17 +114,9 @@ class MCPredictor(nnUNetPredictor):
             )
         self.point_mass = point_mass
 
-    def chunk_for(self, x: torch.Tensor, k: int) -> int:
-        """Samples drawn at once for tile ``x``: the fixed ``chunk``, or as many as fit in
-        :data:`CHUNK_ELEMENTS` values per class (at least 1, at most k)."""
-        if self.chunk is not None:
-            return self.chunk
-        voxels = x.shape[0] * int(np.prod(x.shape[2:]))
-        return int(max(1, min(k, CHUNK_ELEMENTS // max(1, voxels))))
-
     @property
-    def num_moment_channels(self) -> int:
-        return 2 * self.label_manager.num_segmentation_heads + 1
+    def num_parameter_channels(self) -> int:
+        return num_parameter_channels(self.label_manager.num_segmentation_heads)
 
     @property
     def num_saved_samples(self) -> int:
@@ -252,7 +125,6 @@ class MCPredictor(nnUNetPredictor):
 
     @torch.inference_mode()
     def _internal_maybe_mirror_and_predict(self, x: torch.Tensor) -> torch.Tensor:
-        k = 1 if self.point_mass else self.samples
         axes_sets: list[tuple[int, ...]] = [()]
         if self.use_mirroring and self.allowed_mirroring_axes is not None:
             mirror = [a + 2 for a in self.allowed_mirroring_axes]
@@ -263,12 +135,12 @@ class MCPredictor(nnUNetPredictor):
         for axes in axes_sets:
             xin = torch.flip(x, axes) if axes else x
             _, dist = self.network(xin, stochastic=True)
-            mom = tile_moments(dist, k, self.chunk_for(xin, k))
+            par = marginal_parameters(dist)
             if not axes and self.num_saved_samples:
                 self._tile_labels = sample_labels(dist, self.num_saved_samples)
             if axes:
-                mom = torch.flip(mom, axes)
-            total = mom if total is None else total + mom
+                par = torch.flip(par, axes)
+            total = par if total is None else total + par
         assert total is not None
         return total / len(axes_sets)
 
@@ -280,7 +152,7 @@ class MCPredictor(nnUNetPredictor):
         data = data.to(results_device)
         shape = tuple(data.shape[1:])
         acc = torch.zeros(
-            (self.num_moment_channels, *shape), dtype=torch.float32, device=results_device
+            (self.num_parameter_channels, *shape), dtype=torch.float32, device=results_device
         )
         weight = torch.zeros(shape, dtype=torch.float32, device=results_device)
         n_keep = self.num_saved_samples
@@ -298,8 +170,8 @@ class MCPredictor(nnUNetPredictor):
         ).float()
         for sl in slicers:
             tile = torch.clone(data[sl][None], memory_format=torch.contiguous_format)
-            mom = self._internal_maybe_mirror_and_predict(tile.to(self.device))[0]
-            acc[sl] += mom.to(results_device) * gaussian
+            par = self._internal_maybe_mirror_and_predict(tile.to(self.device))[0]
+            acc[sl] += par.to(results_device) * gaussian
             weight[sl[1:]] += gaussian
             if labels is not None and best is not None and self._tile_labels is not None:
                 # nearest tile centre wins: the largest Gaussian weight so far
@@ -308,19 +180,20 @@ class MCPredictor(nnUNetPredictor):
                 best[sl[1:]] = torch.maximum(best[sl[1:]], gaussian)
         acc /= weight
         if not torch.isfinite(acc).all():
-            raise RuntimeError("non-finite values in the stitched moments")
+            raise RuntimeError("non-finite values in the stitched parameters")
         self.last_samples = labels
         return acc
 
-    def predict_moments(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
-        """Stitched moments of a preprocessed case.
+    def predict_parameters(self, data: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Stitched per-voxel distribution parameters of a preprocessed case.
 
         Args:
             data: Preprocessed image (channels, *spatial) as nnU-Net's
                 preprocessor returns it.
 
         Returns:
-            (2C+1, *spatial) float32 on the CPU: E[p], E[p^2], E[H(p)]. With
+            (P, *spatial) float32 on the CPU (see
+            :func:`mobseg.core.inference.marginal_parameters`). With
             ``save_samples`` the S label maps are in :attr:`last_samples`,
             (S, *spatial) uint8 on the CPU.
         """

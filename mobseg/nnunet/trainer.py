@@ -681,17 +681,21 @@ def whole_volume_dice(
     """Mean foreground Dice of argmax E[p] over whole validation volumes.
 
     Computed on the preprocessed grid of each validation case (fold 0's
-    ``val`` list) with the Monte-Carlo predictor; Dice is
+    ``val`` list) with :class:`HeadPredictor` (no mirroring) and argmax E[p]
+    (exact for two classes, ``samples`` Monte-Carlo draws per voxel for more); Dice is
     2|S and G| / (|S| + |G|) for the foreground classes pooled (C = 2: the
     organ); cases where both are empty are left out of the mean. Returns NaN
     if every case is empty.
     """
-    from mobseg.nnunet.predictor import MCPredictor
+    from mobseg.core.inference import voxel_maps
+    from mobseg.nnunet.predictor import HeadPredictor
 
     was_ds = network.decoder.deep_supervision
     network.decoder.deep_supervision = False
     network.eval()
-    predictor = MCPredictor(samples=samples, tile_step_size=tile_step_size, device=trainer.device)
+    predictor = HeadPredictor(
+        tile_step_size=tile_step_size, use_mirroring=False, device=trainer.device
+    )
     predictor.setup(
         network,
         trainer.plans_manager,
@@ -707,8 +711,8 @@ def whole_volume_dice(
     try:
         for key in val_keys:
             data, seg, _, _ = dataset.load_case(key)
-            moments = predictor.predict_moments(np.asarray(data[:], dtype=np.float32))
-            pred = moments[:c].argmax(0).numpy() > 0
+            params = predictor.predict_parameters(np.asarray(data[:], dtype=np.float32))
+            pred = voxel_maps(params, c, samples=samples).seg.numpy() > 0
             gt = np.asarray(seg[:])[0] > 0
             denom = pred.sum() + gt.sum()
             if denom == 0:

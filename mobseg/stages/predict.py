@@ -1,9 +1,11 @@
-"""Stage ``predict``: sliding-window Monte-Carlo inference (SPEC sections 5 and 7).
+"""Stage ``predict``: sliding-window inference of the head's distribution (SPEC sections 5, 7).
 
 For each input CT: nnU-Net's preprocessing (the backbone's plans), the
-Monte-Carlo predictor :class:`mobseg.nnunet.predictor.MCPredictor` (one
-backbone pass per tile, k samples from the head, stitched moments), and the
-export of :mod:`mobseg.nnunet.export` back to the CT's exact grid.
+predictor :class:`mobseg.nnunet.predictor.HeadPredictor` (one backbone pass
+per tile and mirrored pass, stitched per-voxel parameters of the logit
+distribution), and the export of :mod:`mobseg.nnunet.export`, which resamples
+those parameters to the CT's exact grid and computes the maps there (exact
+quadrature for two classes, Monte Carlo for more).
 
 Which model: the fine-tuned run of ``params.seed`` tagged ``params.run``
 (the tag ``mobseg finetune`` printed, e.g. ``mob-b3-r16-lse``; its head is
@@ -17,7 +19,9 @@ Files per case in the output folder: ``<case>_seg.nii.gz`` (uint8),
 ``<case>_prob.nii.gz`` (float32 foreground mean probability),
 ``<case>_var.nii.gz`` (float32 Var[p] of the foreground),
 ``<case>_entropy.nii.gz`` (float32 predictive entropy, nats) and
-``<case>_mi.nii.gz`` (float32 mutual information, nats), and with
+``<case>_mi.nii.gz`` (float32 mutual information, nats); ``save`` chooses
+among them and can add ``logits`` (``<case>_logit_mean.nii.gz`` and
+``<case>_logit_var.nii.gz``, the mean and variance of eta_1 - eta_0); and with
 ``save_samples`` = S > 0 for a stochastic model ``<case>_sample<k>.nii.gz``
 (uint8 label maps of S joint samples, k = 0..S-1, for GED). Cases whose
 files all exist are skipped, so an interrupted run resumes.
@@ -26,9 +30,10 @@ Case names: ``<case>_0000.nii.gz`` -> ``<case>``; ``<name>.nii.gz`` ->
 ``<name>``; a TotalSegmentator ``<case>/ct.nii.gz`` -> ``<case>``.
 
 Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
-``cases``, ``samples`` (k used per tile), ``tta``, ``checkpoint``,
-``point_mass``, ``mixing``, ``saved_samples`` (S written per case),
-``files`` (suffixes written).
+``cases``, ``maps`` (``quadrature`` for two classes, ``monte-carlo`` for
+more), ``samples`` (k per voxel for Monte-Carlo maps, else 0), ``tta``,
+``checkpoint``, ``point_mass``, ``mixing``, ``saved_samples`` (S written per
+case), ``files`` (suffixes written).
 """
 
 from __future__ import annotations
@@ -61,17 +66,19 @@ class PredictParams:
         head: Identifies the fine-tuned run (method and hyper-parameters).
         seed: Seed of the fine-tuned run.
         input: A CT file or a folder of CTs; None = the organ's test split.
-        samples: k, samples of the logits per tile.
-        tta: Mirroring test-time augmentation (mirrored passes add samples).
+        samples: k, Monte-Carlo samples per voxel, used for C > 2 classes only
+            (two-class maps are exact).
+        tta: Mirroring test-time augmentation (on by default, as in nnU-Net):
+            the mirrored passes' parameters are averaged.
         out: Output folder; None = the workdir's predictions folder.
         device: ``auto``, ``cpu``, ``cuda`` or ``mps``.
         backbone: Predict with the pretrained backbone (tag ``backbone``,
             seed 0) instead of a fine-tuned run; ``head`` and ``seed`` are
             then ignored.
-        chunk: Samples drawn at once per tile (memory bound); None = as many as fit
-            in 2^22 values per class.
         save_samples: S joint samples written per case as label maps (for GED
             and sample diversity); 0 = none. Ignored for point-mass models.
+        save: The maps written per case (:data:`mobseg.nnunet.export.SAVE_CHOICES`);
+            the segmentation is always written.
         run: Tag of the fine-tuned run (``RunConfig.tag``); None = ``head.tag()``.
         inference_mixing: ``soft`` or ``hard`` mixing of the bases at
             inference (mob); None = the one the checkpoint recorded.
@@ -82,12 +89,12 @@ class PredictParams:
     seed: int = 0
     input: Path | None = None
     samples: int = 30
-    tta: bool = False
+    tta: bool = True
     out: Path | None = None
     device: str = "auto"
     backbone: bool = False
-    chunk: int | None = None
     save_samples: int = 0
+    save: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
     run: str | None = None
     inference_mixing: str | None = None
 
@@ -106,6 +113,7 @@ class PredictParams:
         d["head"] = self.head.to_dict()
         d["input"] = None if self.input is None else str(self.input)
         d["out"] = None if self.out is None else str(self.out)
+        d["save"] = list(self.save)
         return d
 
 
@@ -210,8 +218,7 @@ def run(
 
     if params.samples < 1:
         raise ConfigurationError(f"--samples must be >= 1, got {params.samples}.")
-    if params.chunk is not None and params.chunk < 1:
-        raise ConfigurationError(f"chunk must be >= 1, got {params.chunk}.")
+    _check_save(params.save)
     if params.save_samples < 0:
         raise ConfigurationError(f"--save-samples must be >= 0, got {params.save_samples}.")
     if params.inference_mixing not in (None, *MIXING_MODES):
@@ -286,7 +293,7 @@ def predict_files(
     from mobseg.core.registry import build_head
     from mobseg.data.nifti import verify_nifti_file
     from mobseg.nnunet.env import quiet
-    from mobseg.nnunet.export import OUTPUT_SUFFIXES, export_moments, output_paths
+    from mobseg.nnunet.export import export_parameters, file_suffixes, output_paths
     from mobseg.nnunet.network import (
         StochasticUNet,
         build_backbone,
@@ -296,7 +303,7 @@ def predict_files(
         load_checkpoint_file,
         load_full,
     )
-    from mobseg.nnunet.predictor import MCPredictor
+    from mobseg.nnunet.predictor import HeadPredictor
     from mobseg.progress import progress_bar
 
     pm, cm, dataset_json = model.load()
@@ -326,9 +333,12 @@ def predict_files(
             network.head.mixing = mixing  # mob: the recorded mixing unless overridden
     point_mass = not head_cfg.stochastic
     network = network.to(torch.device(device)).eval()
-    predictor = MCPredictor(
-        samples=params.samples,
-        chunk=params.chunk,
+    if num_classes > 2 and "logits" in params.save:
+        raise ConfigurationError(
+            f"--save logits writes the logit difference of two classes; this model has "
+            f"{num_classes}."
+        )
+    predictor = HeadPredictor(
         tile_step_size=tile_step_size,
         use_mirroring=params.tta,
         device=device,
@@ -348,7 +358,7 @@ def predict_files(
     done: list[str] = []
     with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
         for case, path in inputs.items():
-            paths = output_paths(out_dir, case, n_saved)
+            paths = output_paths(out_dir, case, n_saved, params.save)
             if not force and all(p.exists() for p in paths.values()):
                 done.append(case)
                 advance(case=case)
@@ -364,33 +374,46 @@ def predict_files(
                     case=case,
                     path=str(path),
                 ) from exc
-            moments = predictor.predict_moments(data)
-            export_moments(
-                moments,
+            export_parameters(
+                predictor.predict_parameters(data),
                 props,
                 pm,
                 cm,
                 num_classes,
-                point_mass,
                 path,
                 out_dir,
                 case,
                 samples=predictor.last_samples,
+                save=params.save,
+                mc_samples=params.samples,
             )
             done.append(case)
             advance(case=case)
     return {
         "pred_dir": str(out_dir),
         "cases": done,
-        "samples": 1 if point_mass else params.samples,
+        "maps": "quadrature" if num_classes == 2 else "monte-carlo",
+        "samples": 0 if num_classes == 2 else params.samples,
         "tta": params.tta,
         "checkpoint": str(checkpoint),
         "point_mass": point_mass,
         "mixing": mixing,
         "saved_samples": n_saved,
-        "files": [*OUTPUT_SUFFIXES, *(f"sample{i}" for i in range(n_saved))],
+        "files": [*file_suffixes(params.save), *(f"sample{i}" for i in range(n_saved))],
         "device": device,
     }
+
+
+def _check_save(save: tuple[str, ...]) -> None:
+    """Refuse unknown or repeated map names (the segmentation is implicit)."""
+    from mobseg.errors import UnknownNameError
+    from mobseg.nnunet.export import SAVE_CHOICES
+
+    for name in save:
+        if name not in SAVE_CHOICES:
+            raise UnknownNameError("map", name, SAVE_CHOICES)
+    if len(set(save)) != len(save):
+        raise ConfigurationError(f"--save names a map twice: {','.join(save)}.")
 
 
 def _clear_case(seg: Path, out_dir: Path, case: str, keep: int) -> None:

@@ -97,7 +97,7 @@ class StudySpec:
         rank: R of the low-rank factor and of the bases.
         bases: M of the main grid's mob runs.
         partitions: P, blocks per axis (mob).
-        samples: k, samples of the logits per tile at prediction.
+        samples: k, Monte-Carlo samples per voxel at prediction (more than two classes only).
         save_samples: S joint samples written per test case (GED and sample
             diversity where several reference masks exist, e.g. the phantom).
         extra_predictions: Predictions on CTs outside the test split (demo).

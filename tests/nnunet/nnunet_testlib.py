@@ -72,6 +72,8 @@ def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:
 class StubDist:
     """A logit distribution whose k samples are fixed tensors (for brute-force checks).
 
+    Its per-voxel covariance is that of the k samples.
+
     ``rsample(c)`` returns the next c of the k given samples (cycling), and
     records every requested chunk size.
     """
@@ -83,6 +85,14 @@ class StubDist:
         self.device = mean.device
         self._next = 0
         self.log = log
+
+    def voxel_covariance(self) -> torch.Tensor:
+        """(B, *sp, C, C) covariance of the k given samples (population), zero for a point mass."""
+        c = self.mean.shape[1]
+        if self.samples is None:
+            return torch.zeros((*self.mean.shape[:1], *self.mean.shape[2:], c, c))
+        dev = (self.samples - self.samples.mean(0, keepdim=True)).movedim(2, -1)  # (k, B, *sp, C)
+        return torch.einsum("k...i,k...j->...ij", dev, dev) / self.samples.shape[0]
 
     def rsample(self, k: int, generator: Any = None, antithetic: bool = False) -> torch.Tensor:
         assert self.samples is not None

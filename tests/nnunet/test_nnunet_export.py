@@ -1,4 +1,4 @@
-"""Export of stitched moments to the input CT's grid (real CT via ``totalseg_example``)."""
+"""Export of stitched parameters to the input CT's grid (real CT via ``totalseg_example``)."""
 
 from __future__ import annotations
 
@@ -14,62 +14,86 @@ from nnunet_testlib import DATASET_JSON, managers, micro_plans
 
 from mobseg.core.config import HeadConfig
 from mobseg.data.nifti import Geometry
-from mobseg.nnunet.export import derive_maps, export_moments, moments_to_original_grid
+from mobseg.nnunet.export import derive_maps, export_parameters, parameters_to_original_grid
 from mobseg.nnunet.network import build_backbone
 from mobseg.stages.predict import PredictParams, predict_files
 
 
-def test_derive_maps_hand_computed_values() -> None:
-    # one voxel: E[p] = (0.3, 0.7), E[p^2] = (0.1, 0.5), E[H] = 0.4
-    m = np.array([0.3, 0.7, 0.1, 0.5, 0.4], dtype=np.float32).reshape(5, 1, 1, 1)
-    out = derive_maps(m, 2, point_mass=False)
-    h = -(0.3 * np.log(0.3) + 0.7 * np.log(0.7))
-    assert out["seg"].dtype == np.uint8 and out["seg"].item() == 1
-    assert out["prob"].item() == pytest.approx(0.7)
-    assert out["var"].item() == pytest.approx(0.5 - 0.49, abs=1e-6)
-    assert out["entropy"].item() == pytest.approx(h, rel=1e-5)
-    assert out["mi"].item() == pytest.approx(h - 0.4, rel=1e-5)
-    point = derive_maps(m, 2, point_mass=True)
-    assert point["var"].item() == 0.0 and point["mi"].item() == 0.0
+def test_derive_maps_from_parameters() -> None:
+    """Two voxels: (m, s^2) = (0.8, 0) and (-1, 4); maps against scipy's quadrature."""
+    from scipy import integrate, special, stats
 
-
-def test_derive_maps_clips_rounding_and_handles_p_zero() -> None:
-    m = np.array([1.0, 0.0, 1.0, 1e-9, 0.0], dtype=np.float32).reshape(5, 1, 1, 1)
-    out = derive_maps(m, 2, point_mass=False)
-    assert out["entropy"].item() == 0.0 and np.isfinite(out["entropy"]).all()
-    assert out["var"].item() >= 0.0 and out["mi"].item() == 0.0
+    params = np.array([[0.8, -1.0], [0.0, 4.0]], dtype=np.float32).reshape(2, 2, 1, 1)
+    out = derive_maps(params, 2)
+    assert out["seg"].dtype == np.uint8 and out["seg"].ravel().tolist() == [1, 0]
+    p0 = special.expit(0.8)
+    assert out["prob"][0, 0, 0] == pytest.approx(p0, abs=1e-6)
+    assert out["var"][0, 0, 0] == 0.0 and out["mi"][0, 0, 0] == 0.0
+    e = [
+        integrate.quad(lambda x, f=f: f(-1 + 2 * x) * stats.norm.pdf(x), -12, 12)[0]
+        for f in (special.expit, lambda d: special.expit(d) ** 2)
+    ]
+    assert out["prob"][1, 0, 0] == pytest.approx(e[0], abs=1e-6)
+    assert out["var"][1, 0, 0] == pytest.approx(e[1] - e[0] ** 2, abs=1e-6)
+    assert out["var"][1, 0, 0] <= 4 / 16
+    np.testing.assert_array_equal(out["logit_mean"], params[0])
+    np.testing.assert_array_equal(out["logit_var"], params[1])
 
 
 def test_derive_maps_multiclass_gives_vectors() -> None:
     rng = np.random.default_rng(0)
-    p = rng.dirichlet(np.ones(3), size=(2, 2, 2)).transpose(3, 0, 1, 2).astype(np.float32)
-    m = np.concatenate([p, p**2 + 0.01, np.zeros((1, 2, 2, 2), np.float32)])
-    out = derive_maps(m, 3, point_mass=False)
+    mu = rng.normal(size=(3, 2, 2, 2)).astype(np.float32) * 3
+    cov = np.zeros((6, 2, 2, 2), np.float32)  # a point mass: upper triangle of zeros
+    out = derive_maps(np.concatenate([mu, cov]), 3, samples=5)
     assert out["prob"].shape == (2, 2, 2, 2) and out["var"].shape == (2, 2, 2, 2)
-    np.testing.assert_array_equal(out["seg"], p.argmax(0))
+    np.testing.assert_array_equal(out["seg"], mu.argmax(0))
+    assert (out["var"] == 0).all() and "logit_mean" not in out
+
+
+_PROPS = {
+    "spacing": [3.0, 3.0, 3.0],
+    "shape_before_cropping": (8, 6, 7),
+    "bbox_used_for_cropping": [[0, 8], [1, 5], [2, 7]],
+    "shape_after_cropping_and_before_resampling": (8, 4, 5),
+}
 
 
 def test_uncrop_and_untranspose_on_synthetic_properties() -> None:
     pm, cm = managers(micro_plans(transpose_forward=(2, 0, 1)))
     # nnU-Net transposes first, then crops: shape and bbox are in the transposed
     # frame (x, z, y). Original array (z, y, x) = (6, 7, 8); crop z 1:5, y 2:7, x 0:8.
-    crop = np.zeros((5, 8, 4, 5), np.float32)
-    crop[1] = np.arange(8 * 4 * 5, dtype=np.float32).reshape(8, 4, 5) / 1000
-    crop[0] = 1 - crop[1]
-    crop[2], crop[3], crop[4] = crop[0] ** 2, crop[1] ** 2, 0.1
+    crop = np.zeros((2, 8, 4, 5), np.float32)
+    crop[0] = np.arange(8 * 4 * 5, dtype=np.float32).reshape(8, 4, 5) / 10 - 8
+    crop[1] = 0.5
+    full = parameters_to_original_grid(crop, _PROPS, pm, cm, 2)
+    assert full.shape == (2, 6, 7, 8)
+    # inside the crop: the transposed-back values; outside: certain background
+    np.testing.assert_array_equal(full[0, 1:5, 2:7, :], crop[0].transpose(1, 2, 0))
+    assert (full[0, 0] == -100).all() and (full[1, 0] == 0).all() and (full[1, 5] == 0).all()
+    with pytest.raises(ValueError, match=r"shape \(2, x, y, z\)"):
+        parameters_to_original_grid(crop[:1], _PROPS, pm, cm, 2)
+
+
+def test_parameters_are_resampled_not_the_moments() -> None:
+    """The invariant of issue 11: on a finer grid, between a certain organ voxel and a
+    certain background voxel, Var[p] stays <= s^2 / 16 (here 0), never 0.25."""
+    pm, cm = managers(micro_plans(spacing=(2.0, 2.0, 2.0)))
+    params = np.zeros((2, 6, 6, 6), np.float32)
+    params[0] = np.where(np.arange(6)[:, None, None] < 3, 12.0, -12.0)  # a sharp edge
     props = {
-        "spacing": [3.0, 3.0, 3.0],
-        "shape_before_cropping": (8, 6, 7),
-        "bbox_used_for_cropping": [[0, 8], [1, 5], [2, 7]],
-        "shape_after_cropping_and_before_resampling": (8, 4, 5),
+        "spacing": [1.0, 1.0, 1.0],
+        "shape_before_cropping": (12, 12, 12),
+        "bbox_used_for_cropping": [[0, 12], [0, 12], [0, 12]],
+        "shape_after_cropping_and_before_resampling": (12, 12, 12),
     }
-    full = moments_to_original_grid(crop, props, pm, cm, 2)
-    assert full.shape == (5, 6, 7, 8)
-    # inside the crop: the transposed-back values; outside: background certain
-    np.testing.assert_array_equal(full[1, 1:5, 2:7, :], crop[1].transpose(1, 2, 0))
-    assert (full[0, 0] == 1).all() and (full[1, 0] == 0).all() and (full[4, 5] == 0).all()
-    with pytest.raises(ValueError, match=r"\(2C\+1"):
-        moments_to_original_grid(crop[:4], props, pm, cm, 2)
+    full = parameters_to_original_grid(params, props, pm, cm, 2)
+    maps = derive_maps(full, 2)
+    assert maps["var"].max() == 0.0 and maps["mi"].max() == 0.0
+    # E[p] is the sigmoid of the interpolated logit difference, like nnU-Net's softmax
+    np.testing.assert_allclose(
+        maps["prob"], 1 / (1 + np.exp(-full[0].astype(np.float64))), atol=1e-6
+    )
+    assert 0.5 < maps["prob"][5].min() < 0.999 and 0.001 < maps["prob"][6].max() < 0.5
 
 
 def test_sample_labels_go_back_like_the_moments() -> None:
@@ -87,11 +111,11 @@ def test_sample_labels_go_back_like_the_moments() -> None:
     }
     full = labels_to_original_grid(labels, props, pm, cm)
     assert full.shape == (3, 6, 7, 8) and full.dtype == np.uint8
-    moments = np.zeros((5, 8, 4, 5), np.float32)
+    params = np.zeros((2, 8, 4, 5), np.float32)
     for i in range(3):
-        moments[1] = labels[i]
-        ref = moments_to_original_grid(moments, props, pm, cm, 2)[1]
-        np.testing.assert_array_equal(full[i], ref.astype(np.uint8))
+        params[0] = labels[i]
+        ref = parameters_to_original_grid(params, props, pm, cm, 2)[0]
+        np.testing.assert_array_equal(full[i], np.maximum(ref, 0).astype(np.uint8))
     assert full[:, 0].sum() == 0 and full[:, :, :2].sum() == 0
     with pytest.raises(ValueError, match="labels must have shape"):
         labels_to_original_grid(labels[0], props, pm, cm)
@@ -138,15 +162,15 @@ def _expected_prob(ct: np.ndarray) -> np.ndarray:
 def test_export_restores_the_real_ct_voxel_for_voxel(
     totalseg_example: Path, tmp_path: Path, transpose: tuple[int, int, int]
 ) -> None:
-    """A point-mass 'model' p_fg = sigmoid(normalised CT), exported, is that map on the CT grid."""
+    """A point-mass 'model' with logit difference = normalised CT, exported, is sigmoid of it
+    on the CT grid."""
     ct_path = _ct(totalseg_example)
     pm, cm = managers(micro_plans(spacing=(3.0, 3.0, 3.0), transpose_forward=transpose))
     pre = cm.preprocessor_class(verbose=False)
     data, _, props = pre.run_case([str(ct_path)], None, pm, cm, DATASET_JSON)
-    x = torch.from_numpy(np.asarray(data[0], dtype=np.float64))
-    p = torch.sigmoid(x)
-    moments = torch.stack([1 - p, p, (1 - p) ** 2, p**2, torch.zeros_like(p)]).float()
-    paths = export_moments(moments, props, pm, cm, 2, True, ct_path, tmp_path, "s0000")
+    x = torch.from_numpy(np.asarray(data[0], dtype=np.float32))
+    params = torch.stack([x, torch.zeros_like(x)])
+    paths = export_parameters(params, props, pm, cm, 2, ct_path, tmp_path, "s0000")
     ref = sitk.ReadImage(str(ct_path))
     ct = sitk.GetArrayFromImage(ref)
     got = sitk.ReadImage(str(paths["prob"]))
@@ -197,8 +221,6 @@ def test_prediction_on_the_real_ct_keeps_its_geometry(
         "pancreas",
         head=head,
         backbone=method == "backbone",
-        samples=4,
-        chunk=2,
         device="cpu",
         save_samples=2,
     )

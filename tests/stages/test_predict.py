@@ -111,7 +111,8 @@ def test_default_input_is_the_test_split_and_interrupted_runs_resume(micro_ws: W
     params = predict.PredictParams("pancreas", backbone=True, seed=7, device="cpu")
     rec = predict.run(micro_ws, params)
     out = micro_ws.prediction_dir("pancreas", "backbone", 0)
-    assert rec.outputs["pred_dir"] == str(out) and rec.outputs["samples"] == 1
+    assert rec.outputs["pred_dir"] == str(out) and rec.outputs["maps"] == "quadrature"
+    assert rec.outputs["samples"] == 0 and rec.outputs["tta"] is True
     cases = rec.outputs["cases"]
     assert cases and (test_cases is None or sorted(cases) == test_cases)
     raw = Path(prep["raw_dir"]) / "imagesTs"
@@ -205,16 +206,16 @@ def test_a_variant_run_by_its_tag_and_the_recorded_mixing(
     with pytest.raises(MissingStageError):  # the head alone names the default run
         predict.run(micro_ws, predict.PredictParams("pancreas", head=head, seed=12, device="cpu"))
     # the network's mixing when prediction starts
-    from mobseg.nnunet.predictor import MCPredictor
+    from mobseg.nnunet.predictor import HeadPredictor
 
     used: list[str] = []
-    setup = MCPredictor.setup
+    setup = HeadPredictor.setup
 
     def spy(self, network, *args, **kwargs):
         used.append(network.head.mixing)
         return setup(self, network, *args, **kwargs)
 
-    monkeypatch.setattr(MCPredictor, "setup", spy)
+    monkeypatch.setattr(HeadPredictor, "setup", spy)
     # the CLI's default head (mob-b3-r16) with --run: the run's own head is used
     params = predict.PredictParams("pancreas", seed=12, samples=4, device="cpu", run=tag)
     soft = predict.run(micro_ws, params)
