@@ -147,8 +147,7 @@ def parameters_to_original_grid(
     channels = num_parameter_channels(num_classes)
     if p.ndim != 4 or p.shape[0] != channels:
         raise ValueError(
-            f"parameters must have shape ({channels}, x, y, z) for C = {num_classes}, "
-            f"got {p.shape}"
+            f"parameters must have shape ({channels}, x, y, z) for C = {num_classes}, got {p.shape}"
         )
     shape_crop, current, spacing_t = _restore_geometry_args(
         properties, plans_manager, configuration_manager
