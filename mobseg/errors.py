@@ -102,6 +102,15 @@ class DownloadError(MobsegError):
     """A download failed, or its file does not match the published size or checksum."""
 
 
+class StorageError(MobsegError):
+    """A file cannot be written, verified or locked: the disk is full, the folder is
+    read-only, or a path that must be a folder is a file (or lies below one)."""
+
+
+class BusyError(MobsegError):
+    """Another process is running the same stage (it holds the stage's lock)."""
+
+
 class ManifestError(MobsegError):
     """The manifest file is unreadable or from an incompatible mobseg version."""
 

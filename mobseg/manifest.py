@@ -6,19 +6,33 @@ stage's parameters, inputs, outputs, status (``running``, ``done``,
 ``failed``), times, the error of a failed run and the versions of mobseg and
 its main dependencies.
 
-Writes are atomic (a temporary file in the same folder, flushed and fsynced,
-then ``os.replace``) and every read-modify-write happens under a file lock
-(``manifest.json.lock``), so concurrent processes (``mobseg study --jobs``,
+Writes are atomic (a temporary file in the same folder, checked, flushed and
+fsynced, then ``os.replace``) and every read-modify-write happens under a file
+lock (``manifest.json.lock``), so concurrent processes (``mobseg study --jobs``,
 cluster array jobs on a shared file system) never lose a record and a crash
-never leaves a half-written manifest.
+never leaves a half-written manifest. Before each write the previous manifest
+is kept as ``manifest.json.bak``. Reading needs no write access: on a
+read-only workdir (an archived study) records are read without the lock.
+
+Paths inside the workdir are stored relative to it (each record lists where in
+``params``/``inputs``/``outputs`` it holds such paths under ``"relative"``) and
+read back as absolute paths under the manifest's *current* folder, so a
+workdir can be moved, copied or archived, and a copy never reads the
+original's files. Paths outside the workdir stay absolute.
+
+:meth:`Manifest.running` also holds one lock per record
+(``<workdir>/.locks/<key>.lock``): a second process that starts the same
+stage while it runs is refused with :class:`~mobseg.errors.BusyError` naming
+the process that holds it.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
-import tempfile
+import socket
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -28,9 +42,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
 
-from mobseg.errors import ManifestError, MissingStageError
+from mobseg import fsutil
+from mobseg.errors import BusyError, ManifestError, MissingStageError, MobsegError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +106,29 @@ class StageRecord:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> StageRecord:
+        """A record from its JSON form.
+
+        Raises:
+            ValueError: ``data`` is not a well-formed record (a field missing or
+                of the wrong type); the message names the field.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"a record must be an object, not {type(data).__name__}")
         known = {f for f in cls.__dataclass_fields__}
+        for name in ("stage", "key"):
+            if not isinstance(data.get(name), str):
+                raise ValueError(f"field {name!r} is missing or not a string")
+        for name in ("params", "inputs", "outputs", "versions"):
+            if name in data and not isinstance(data[name], dict):
+                raise ValueError(f"field {name!r} is not an object")
+        if data.get("status", "running") not in STATUSES:
+            raise ValueError(f"field 'status' is {data.get('status')!r}, not one of {STATUSES}")
+        if "attempts" in data and not isinstance(data["attempts"], int):
+            raise ValueError("field 'attempts' is not an integer")
+        for name in ("started", "finished", "error", "run_id"):
+            value = data.get(name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"field {name!r} is not a string")
         return cls(**{k: v for k, v in data.items() if k in known})
 
     def to_dict(self) -> dict[str, Any]:
@@ -113,6 +150,74 @@ def outdated_inputs(record: StageRecord, records: Mapping[str, StageRecord]) -> 
     return changed
 
 
+_SECTIONS = ("params", "inputs", "outputs")
+
+
+def _relativize(value: Any, root: str, where: list[Any], found: list[list[Any]]) -> Any:
+    """``value`` with absolute paths under ``root`` made relative; their places go to ``found``."""
+    if isinstance(value, dict):
+        return {k: _relativize(v, root, [*where, k], found) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_relativize(v, root, [*where, i], found) for i, v in enumerate(value)]
+    if isinstance(value, str) and os.path.isabs(value):
+        norm = os.path.normpath(value)
+        if norm == root or norm.startswith(root.rstrip(os.sep) + os.sep):
+            found.append(where)
+            return Path(os.path.relpath(norm, root)).as_posix()
+    return value
+
+
+def _absolutize(data: dict[str, Any], root: Path) -> None:
+    """Resolve the relative paths a record lists under ``"relative"`` against ``root``."""
+    for place in data.pop("relative", None) or []:
+        if not isinstance(place, list) or not place or place[0] not in _SECTIONS:
+            continue
+        holder: Any = data
+        for step in place[:-1]:
+            try:
+                holder = holder[step]
+            except (KeyError, IndexError, TypeError):
+                holder = None
+                break
+        last = place[-1]
+        try:
+            value = holder[last] if holder is not None else None
+        except (KeyError, IndexError, TypeError):
+            value = None
+        if isinstance(value, str) and not os.path.isabs(value):
+            holder[last] = str(root / value)
+
+
+def record_to_json(record: StageRecord, root: str | os.PathLike[str]) -> dict[str, Any]:
+    """The stored form of ``record``: paths under ``root`` relative, their places listed."""
+    data = record.to_dict()
+    found: list[list[Any]] = []
+    base = os.path.normpath(os.path.abspath(root))
+    for section in _SECTIONS:
+        data[section] = _relativize(data[section], base, [section], found)
+    if found:
+        data["relative"] = found
+    return data
+
+
+def resolve_path(root: str | os.PathLike[str], value: str | os.PathLike[str]) -> Path:
+    """A path as recorded: absolute as is, relative ones under the workdir ``root``.
+
+    The one helper for reading a recorded path (the manifest already resolves
+    the paths it relativized; this covers paths stages store relative themselves).
+    """
+    p = Path(value)
+    return p if p.is_absolute() else Path(root) / p
+
+
+def _holder_note(owner: Path) -> str:
+    try:
+        info = json.loads(owner.read_text(encoding="utf-8"))
+        return f"process {info['pid']} on {info['host']}, since {info['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
 class Manifest:
     """Read and update ``manifest.json`` safely.
 
@@ -122,20 +227,46 @@ class Manifest:
     """
 
     def __init__(self, path: str | os.PathLike[str], timeout: float = 120.0) -> None:
-        self.path = Path(path)
+        self.path = Path(os.path.abspath(path))
+        self.root = self.path.parent
         self.lock = FileLock(str(self.path) + ".lock", timeout=timeout)
 
+    @property
+    def backup_path(self) -> Path:
+        """``manifest.json.bak``: the manifest before its latest write."""
+        return self.path.with_name(self.path.name + ".bak")
+
+    def writable(self) -> bool:
+        """The workdir can take writes (False on a read-only mount or folder)."""
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        return os.access(folder, os.W_OK)
+
     # -- reading -----------------------------------------------------------------
-    def _read_unlocked(self) -> dict[str, StageRecord]:
-        if not self.path.exists():
-            return {}
+    def _read_text(self) -> str | None:
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            return self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
             raise ManifestError(
-                f"The manifest {self.path} cannot be read ({exc}).",
-                "Restore it from manifest.json.bak or move it aside to start afresh.",
+                f"The manifest {self.path} cannot be read ({exc.strerror or exc}).",
+                "Check the file's permissions.",
             ) from exc
+
+    def _parse(self, text: str | None) -> dict[str, StageRecord]:
+        if text is None:
+            return {}
+        bak = (
+            "Restore it from manifest.json.bak or move it aside to start afresh."
+            if self.backup_path.exists()
+            else "Move it aside to start afresh (there is no manifest.json.bak)."
+        )
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"The manifest {self.path} cannot be read ({exc}).", bak) from exc
         schema = data.get("schema") if isinstance(data, dict) else None
         if schema != SCHEMA_VERSION:
             raise ManifestError(
@@ -143,11 +274,45 @@ class Manifest:
                 f"schema {SCHEMA_VERSION}.",
                 "Use a fresh --workdir or the mobseg version that wrote it.",
             )
-        return {k: StageRecord.from_dict(v) for k, v in data.get("records", {}).items()}
+        raw = data.get("records", {})
+        if not isinstance(raw, dict):
+            raise ManifestError(
+                f"The manifest {self.path} is malformed ('records' is not an object).", bak
+            )
+        records = {}
+        for key, value in raw.items():
+            try:
+                if isinstance(value, dict):
+                    value = dict(value)
+                    _absolutize(value, self.root)
+                records[key] = StageRecord.from_dict(value)
+            except (ValueError, TypeError) as exc:
+                raise ManifestError(
+                    f"The manifest {self.path} is malformed: record {key!r}: {exc}.", bak
+                ) from exc
+        return records
+
+    def _read_unlocked(self) -> dict[str, StageRecord]:
+        return self._parse(self._read_text())
+
+    @contextmanager
+    def _reading(self) -> Iterator[None]:
+        """Hold the lock for a read, or read without it where the lock cannot be made."""
+        try:
+            self.lock.acquire()
+        except OSError as exc:
+            if exc.errno not in (errno.EROFS, errno.EACCES, errno.EPERM) and self.writable():
+                raise
+            yield  # read-only workdir: writers are impossible, the replace is atomic
+            return
+        try:
+            yield
+        finally:
+            self.lock.release()
 
     def records(self) -> dict[str, StageRecord]:
         """All records by key (a consistent snapshot)."""
-        with self.lock:
+        with self._reading():
             return self._read_unlocked()
 
     def get(self, key: str) -> StageRecord | None:
@@ -212,37 +377,40 @@ class Manifest:
         )
 
     # -- writing -----------------------------------------------------------------
-    def _write_unlocked(self, records: dict[str, StageRecord]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def _write_unlocked(self, records: dict[str, StageRecord], previous: str | None = None) -> None:
         payload = {
             "schema": SCHEMA_VERSION,
-            "records": {k: records[k].to_dict() for k in sorted(records)},
+            "records": {k: record_to_json(records[k], self.root) for k in sorted(records)},
         }
-        fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(payload, fh, indent=1)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if previous is not None:
+            fsutil.atomic_write_bytes(self.backup_path, previous.encode("utf-8"))
+        fsutil.atomic_write_bytes(self.path, json.dumps(payload, indent=1).encode("utf-8"))
 
     def update(self, key: str, change: Callable[[StageRecord | None], StageRecord | None]) -> None:
         """Atomically replace the record of ``key`` by ``change(old)``.
 
         ``change`` receives the current record (or None) and returns the new
         one, or None to delete it. The whole read-modify-write holds the lock.
+
+        Raises:
+            StorageError: the workdir is read-only or full (nothing is changed).
         """
-        with self.lock:
-            records = self._read_unlocked()
+        try:
+            fsutil.make_parent(self.path)
+            self.lock.acquire()
+        except OSError as exc:
+            raise fsutil.storage_error(self.path, fsutil.describe_os_error(exc)) from exc
+        try:
+            previous = self._read_text()
+            records = self._parse(previous)
             new = change(records.get(key))
             if new is None:
                 records.pop(key, None)
             else:
                 records[key] = new
-            self._write_unlocked(records)
+            self._write_unlocked(records, previous)
+        finally:
+            self.lock.release()
 
     def put(self, record: StageRecord) -> None:
         """Insert or replace ``record``."""
@@ -322,12 +490,57 @@ class Manifest:
         """
         if upstream:
             inputs = {**(inputs or {}), "upstream": {r.key: r.run_id for r in upstream}}
-        self.start(stage, key, params, inputs)
-        outputs: dict[str, Any] = {}
+        with self.stage_lock(key):
+            self.start(stage, key, params, inputs)
+            outputs: dict[str, Any] = {}
+            try:
+                yield outputs
+            except Exception as exc:
+                line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                try:
+                    self.fail(key, f"{type(exc).__name__}: {line}")
+                except (OSError, MobsegError) as rec_exc:  # e.g. the disk is full
+                    log.warning(
+                        "%s could not be marked failed (%s); it stays 'running' and a rerun "
+                        "resumes it.",
+                        key,
+                        rec_exc,
+                    )
+                raise
+            self.finish(key, outputs)
+
+    def lock_path(self, key: str) -> Path:
+        """The lock file of one record: ``<workdir>/.locks/<key>.lock``."""
+        return self.root / ".locks" / f"{key}.lock"
+
+    @contextmanager
+    def stage_lock(self, key: str) -> Iterator[None]:
+        """Hold the lock of ``key`` for a block: one process runs a stage at a time.
+
+        Raises:
+            BusyError: another process holds it (the message says which).
+            StorageError: the lock cannot be created (read-only or full workdir).
+        """
+        path = self.lock_path(key)
+        fsutil.make_parent(path)
+        lock = FileLock(str(path), timeout=0)
+        owner = path.with_name(path.name + ".owner")
         try:
-            yield outputs
-        except Exception as exc:
-            line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            self.fail(key, f"{type(exc).__name__}: {line}")
-            raise
-        self.finish(key, outputs)
+            lock.acquire()
+        except Timeout:
+            raise BusyError(
+                f"Stage {key!r} is being run by {_holder_note(owner)}.",
+                "Wait for it to finish, then rerun the same command (finished work is kept).",
+            ) from None
+        except OSError as exc:
+            raise fsutil.storage_error(path, fsutil.describe_os_error(exc)) from exc
+        try:
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "since": _now()}
+            try:
+                owner.write_text(json.dumps(info), encoding="utf-8")
+            except OSError:
+                pass
+            yield
+        finally:
+            owner.unlink(missing_ok=True)
+            lock.release()

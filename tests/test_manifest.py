@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from mobseg.errors import ManifestError, MissingStageError
+from mobseg.errors import ManifestError, MissingStageError, StorageError
 from mobseg.manifest import SCHEMA_VERSION, Manifest, StageRecord
 
 
@@ -84,12 +84,14 @@ def test_crash_between_write_and_rename_keeps_old_file(
         raise OSError("simulated crash before rename")
 
     monkeypatch.setattr(os, "replace", crash)
-    with pytest.raises(OSError, match="simulated crash"):
+    # a failed write is one StorageError line naming the file, not a raw OSError
+    with pytest.raises(StorageError, match="simulated crash"):
         m.put(StageRecord(stage="prepare", key="prepare/liver", status="done"))
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert set(Manifest(path).records()) == {"prepare/pancreas"}
-    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".manifest.json.")]
+    assert leftovers == []
 
 
 def test_corrupt_or_foreign_manifest_is_a_clear_error(tmp_path: Path) -> None:

@@ -14,8 +14,10 @@ Reading verifies what SimpleITK does not:
 - floating-point images hold only finite values, checked on the stored bytes
   (SimpleITK's NIfTI reader silently reads NaN and infinity as 0).
 
-Writing is atomic: a temporary file in the destination folder, then
-``os.replace``, so nothing under a final name is ever half-written.
+Writing is atomic and verified: a temporary file in the destination folder is
+read back in full (a full disk makes SimpleITK write a short file without
+raising), fsynced, given the umask's mode and only then renamed into place, so
+nothing under a final name is ever half-written (:mod:`mobseg.fsutil`).
 
 Every failure raises :class:`~mobseg.errors.InvalidInputError` naming the case
 and the file.
@@ -24,45 +26,28 @@ and the file.
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import logging
 import os
-import struct
-import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
 
 from mobseg.errors import InvalidInputError
+from mobseg.fsutil import atomic_path as _atomic_path
+from mobseg.fsutil import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22  # 4 MiB
-
-#: NIfTI datatype code -> bytes per voxel (the codes of nifti1.h).
-_NIFTI_BYTES = {
-    2: 1,  # uint8
-    4: 2,  # int16
-    8: 4,  # int32
-    16: 4,  # float32
-    32: 8,  # complex64
-    64: 8,  # float64
-    128: 3,  # rgb24
-    256: 1,  # int8
-    512: 2,  # uint16
-    768: 4,  # uint32
-    1024: 8,  # int64
-    1280: 8,  # uint64
-    1536: 16,  # float128
-    1792: 16,  # complex128
-    2304: 4,  # rgba32
-}
 
 
 # -- geometry ----------------------------------------------------------------------
@@ -203,40 +188,30 @@ class NiftiFileInfo:
     n_inf: int = 0
 
 
-_FLOAT_CODES = {16: "f4", 64: "f8"}
-
-
 def _parse_header(head: bytes) -> tuple[_Header, int] | None:
     """(header facts, datatype) of a single-file NIfTI from its first 540 bytes.
 
-    Returns None when ``head`` is not a NIfTI-1/2 header.
+    The header is parsed by nibabel (NIfTI-2 first, then NIfTI-1; either byte
+    order). Returns None when ``head`` is not a valid NIfTI-1/2 header.
     """
-    if len(head) < 4:
-        return None
-    for endian in ("<", ">"):
-        (sizeof_hdr,) = struct.unpack(endian + "i", head[:4])
-        if sizeof_hdr == 348 and len(head) >= 348:
-            dims = struct.unpack(endian + "8h", head[40:56])
-            (datatype,) = struct.unpack(endian + "h", head[70:72])
-            (vox_offset,) = struct.unpack(endian + "f", head[108:112])
-            first = 352
-        elif sizeof_hdr == 540 and len(head) >= 540:
-            (datatype,) = struct.unpack(endian + "h", head[12:14])
-            dims = struct.unpack(endian + "8q", head[16:80])
-            (vox_offset,) = struct.unpack(endian + "q", head[168:176])
-            first = 544
-        else:
+    for klass in (nib.Nifti2Header, nib.Nifti1Header):
+        if len(head) < klass.sizeof_hdr:
             continue
-        ndim = int(dims[0])
-        if not 1 <= ndim <= 7 or datatype not in _NIFTI_BYTES:
-            return None
+        try:
+            hdr = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=True)
+            shape = hdr.get_data_shape()
+            dtype = hdr.get_data_dtype()
+            offset = int(hdr.get_data_offset())
+        except Exception:  # nibabel raises several types for a foreign block
+            continue
+        if not 1 <= len(shape) <= 7:
+            continue
         voxels = 1
-        for d in dims[1 : ndim + 1]:
+        for d in shape:
             voxels *= max(int(d), 1)
-        offset = max(int(vox_offset), first)
-        code = _FLOAT_CODES.get(int(datatype))
-        dtype = np.dtype(endian + code) if code else None
-        return _Header(offset, offset + voxels * _NIFTI_BYTES[datatype], dtype), int(datatype)
+        offset = max(offset, klass.sizeof_hdr + 4)
+        float_dtype = dtype if dtype.kind == "f" else None
+        return _Header(offset, offset + voxels * dtype.itemsize, float_dtype), int(hdr["datatype"])
     return None
 
 
@@ -462,43 +437,27 @@ def binary_mask_array(
 
 
 # -- atomic writing ----------------------------------------------------------------
-def _suffix(path: Path) -> str:
-    name = path.name
-    for ext in (".nii.gz", ".tar.gz"):
-        if name.endswith(ext):
-            return ext
-    return path.suffix
+def _verify_written(path: Path) -> None:
+    """Full read-back of a just-written file: NIfTI data and header (others: size only)."""
+    if path.name.endswith((".nii", ".nii.gz")):
+        verify_nifti_file(path)
 
 
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+    """Yield a temporary path next to ``path``; publish it as ``path`` on success.
 
     The temporary name keeps the extension (so writers that choose a format by
-    extension still work) and starts with a dot. On an exception the temporary
-    file is removed and ``path`` is left untouched.
+    extension still work) and starts with a dot. Before the rename the file is
+    verified (not empty; a ``.nii``/``.nii.gz`` file is read back completely,
+    because SimpleITK's writer does not raise on a full disk), fsynced and
+    given the umask's mode (:func:`mobseg.fsutil.publish`). On an exception or
+    a failed verification the temporary file is removed, ``path`` is left
+    untouched, and a storage failure raises
+    :class:`~mobseg.errors.StorageError` naming the file and the free space.
     """
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=_suffix(final), dir=final.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, final)
-    except BaseException:
-        tmp_path.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (flushed and fsynced)."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-    return Path(path)
+    with _atomic_path(path, verify=_verify_written) as tmp:
+        yield tmp
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -512,10 +471,30 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 
 def write_image(image: sitk.Image, path: str | os.PathLike[str], compress: bool = True) -> Path:
-    """Write a SimpleITK image atomically (``.nii.gz`` compressed by default)."""
+    """Write a SimpleITK image atomically (``.nii.gz`` compressed by default), verified."""
     with atomic_path(path) as tmp:
         sitk.WriteImage(image, str(tmp), useCompression=compress)
     return Path(path)
+
+
+def files_complete(paths: Iterable[Path], last: Path) -> bool:
+    """All ``paths`` exist and are not empty, and ``last`` (written last) verifies.
+
+    The cheap check of a rerun that skips finished work: a set of files is
+    trusted only if the one written last reads back completely.
+    """
+    for p in paths:
+        try:
+            if p.stat().st_size == 0:
+                return False
+        except OSError:
+            return False
+    try:
+        verify_nifti_file(last)
+    except InvalidInputError:
+        log.warning("%s does not verify; its case is done again.", last)
+        return False
+    return True
 
 
 def array_to_image(
