@@ -59,16 +59,36 @@ def workspace() -> Workspace:
     return Workspace.from_option(state.workdir).ensure()
 
 
+def _error_line(message: str) -> None:
+    # escape: messages hold "[case X, path]", which Rich would read as markup
+    err.print(f"[bold red]Error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
 def guarded(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn a MobsegError into one line on stderr and exit 1."""
+    """Run ``fn``; turn a MobsegError (or a full / read-only disk) into one line and exit 1.
+
+    Ctrl-C prints how to resume and exits 130.
+    """
+    from mobseg.fsutil import free_space, is_storage_error
+
     try:
         return fn()
     except MobsegError as exc:
         if state.debug:
             raise
-        # escape: messages hold "[case X, path]", which Rich would read as markup
-        err.print(f"[bold red]Error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _error_line(str(exc))
         raise typer.Exit(1) from None
+    except OSError as exc:
+        if state.debug or not is_storage_error(exc):
+            raise
+        where = f" ({exc.filename}; {free_space(exc.filename)} there)" if exc.filename else ""
+        _error_line(f"{exc.strerror or exc}{where}. Free some space or fix the folder, then rerun.")
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        if state.debug:
+            raise
+        err.print("Interrupted; rerun the same command to resume.", highlight=False)
+        raise typer.Exit(130) from None
 
 
 @app.callback()
@@ -464,7 +484,9 @@ def evaluate(
             margin=margin,
             run=run,
         )
-        return stage.run(workspace(), params, force=force)
+        # standalone evaluation touches no workdir (it may be absent or read-only)
+        ws = Workspace.from_option(state.workdir) if params.standalone else workspace()
+        return stage.run(ws, params, force=force)
 
     for rec in guarded(go) or []:
         _print_record(rec)
@@ -762,7 +784,7 @@ def _run_study(
     from mobseg.study import grid
     from mobseg.study.runner import run_plan
 
-    ws = workspace()
+    ws = guarded(workspace)
     plan = guarded(lambda: grid.expand(spec))
     records = guarded(lambda: Manifest(ws.manifest_path).records())
     if dry_run:
@@ -854,7 +876,7 @@ def status(
 
     def go() -> None:
         ws = Workspace.from_option(state.workdir)
-        records = Manifest(ws.manifest_path).records()
+        records = Manifest(ws.manifest_path).records()  # no lock needed on a read-only disk
         if records_view:
             if not records:
                 out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")

@@ -224,3 +224,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
         with open(tmp, "wb") as fh:
             fh.write(data)
     return Path(path)
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write UTF-8 ``text`` to ``path`` atomically (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))

@@ -23,6 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mobseg.errors import ConfigurationError, StorageError
+
 DEFAULT_WORKDIR = "mobseg_work"
 WORKDIR_ENV = "MOBSEG_WORKDIR"
 NNUNET_ENV = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
@@ -40,13 +42,37 @@ class Workspace:
 
     @classmethod
     def from_option(cls, workdir: str | os.PathLike[str] | None) -> Workspace:
-        """Resolve ``--workdir``, then ``$MOBSEG_WORKDIR``, then ``./mobseg_work``."""
+        """Resolve ``--workdir``, then ``$MOBSEG_WORKDIR``, then ``./mobseg_work``.
+
+        Raises:
+            ConfigurationError: the path is a file or lies below one.
+        """
         chosen = workdir or os.environ.get(WORKDIR_ENV) or DEFAULT_WORKDIR
-        return cls(Path(chosen).expanduser().resolve())
+        root = Path(chosen).expanduser().resolve()
+        for folder in (root, *root.parents):
+            if folder.exists():
+                if not folder.is_dir():
+                    where = "is a file" if folder == root else f"lies below the file {folder}"
+                    raise ConfigurationError(
+                        f"The working directory {root} {where}.",
+                        "Give --workdir a folder (it is created if missing).",
+                    )
+                break
+        return cls(root)
 
     def ensure(self) -> Workspace:
-        """Create the root folder if needed and return self."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the root folder if needed and return self.
+
+        Raises:
+            StorageError: the folder cannot be created (read-only disk, no permission).
+        """
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(
+                f"The working directory {self.root} cannot be created ({exc.strerror or exc}).",
+                "Choose another --workdir.",
+            ) from exc
         return self
 
     @property

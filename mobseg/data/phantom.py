@@ -71,8 +71,14 @@ from scipy import ndimage, special
 
 from mobseg import progress
 from mobseg.data.meta import format_meta
-from mobseg.data.nifti import array_to_image, atomic_write_bytes, atomic_write_json
-from mobseg.errors import ConfigurationError
+from mobseg.data.nifti import (
+    array_to_image,
+    atomic_write_bytes,
+    atomic_write_json,
+    verify_nifti_file,
+)
+from mobseg.errors import ConfigurationError, InvalidInputError
+from mobseg.fsutil import storage_error
 
 log = logging.getLogger(__name__)
 
@@ -343,6 +349,31 @@ def _image(array: np.ndarray, cfg: PhantomConfig) -> sitk.Image:
     return image
 
 
+def verify_folder(tmp: Path, final: Path) -> None:
+    """Read back every NIfTI file of a just-written case folder before it is renamed.
+
+    SimpleITK's writer does not raise on a full disk; a short file is caught here.
+
+    Raises:
+        StorageError: a file does not verify (the folder is removed).
+    """
+    for path in sorted(tmp.rglob("*.nii.gz")):
+        try:
+            if path.stat().st_size == 0:
+                raise InvalidInputError("The file is empty.", path=str(path))
+            verify_nifti_file(path)
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        except (InvalidInputError, OSError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            target = final / path.relative_to(tmp)
+            reason = exc.message if isinstance(exc, InvalidInputError) else str(exc)
+            raise storage_error(target, f"the written file does not read back ({reason})") from exc
+
+
 def _write_case(root: Path, cfg: PhantomConfig, case: PhantomCase, organ: str) -> None:
     """Write one case into a hidden temporary folder, then rename it into place."""
     final = root / case.case
@@ -362,6 +393,7 @@ def _write_case(root: Path, cfg: PhantomConfig, case: PhantomCase, organ: str) -
             array_to_image(case.masks[k], ct), str(side / f"annotator_{k}.nii.gz"), True
         )
     sitk.WriteImage(array_to_image(case.p_true, ct), str(side / P_TRUE_NAME), True)
+    verify_folder(tmp, final)
     os.replace(tmp, final)
 
 

@@ -37,6 +37,7 @@ import SimpleITK as sitk
 
 from mobseg.data import nifti
 from mobseg.errors import InvalidInputError
+from mobseg.fsutil import describe_os_error, is_storage_error, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -279,7 +280,13 @@ class ZipSource(Source):
             try:
                 with os.fdopen(fd, "wb") as out, self._zip.open(info) as member:
                     shutil.copyfileobj(member, out, 1 << 22)
-            except (zipfile.BadZipFile, EOFError, zlib.error, OSError) as exc:
+            except OSError as exc:
+                if is_storage_error(exc):  # a full work disk is not a corrupt archive
+                    raise storage_error(tmp_path, describe_os_error(exc)) from exc
+                raise InvalidInputError(
+                    f"The archive member is corrupt ({exc}).", case=case, path=where
+                ) from exc
+            except (zipfile.BadZipFile, EOFError, zlib.error) as exc:
                 raise InvalidInputError(
                     f"The archive member is corrupt ({exc}).", case=case, path=where
                 ) from exc

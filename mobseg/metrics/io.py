@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from typing import Any, cast
 import numpy as np
 
 from mobseg.errors import InvalidInputError
+from mobseg.fsutil import atomic_write_bytes
 from mobseg.metrics._common import PROB_TOL
 from mobseg.metrics.case import ALL_COLUMNS, CaseResult, TestSetAccumulator, evaluate_case
 
@@ -202,9 +201,14 @@ def standalone_cases(pred_dir: Path, gt_dir: Path) -> list[CaseFiles]:
     ``<case>.nii.gz`` as the references of GED; ``<case>_p_true.nii.gz`` there
     is the true probability p* (phantom).
 
+    Every ground truth needs a prediction too: a ``<case>.nii.gz`` in
+    ``gt_dir`` without ``<case>_prob.nii.gz`` in ``pred_dir`` is an error
+    (scores over a silent subset of the test set would look complete).
+
     Raises:
-        InvalidInputError: a folder is missing, holds no predictions, or a
-            case has no ground truth (the message names the case).
+        InvalidInputError: a folder is missing, holds no predictions, a case
+            has no ground truth (the message names the case), or ground-truth
+            cases have no prediction (the message counts and names them).
     """
     for folder, what in ((pred_dir, "--pred"), (gt_dir, "--gt")):
         if not folder.is_dir():
@@ -215,6 +219,17 @@ def standalone_cases(pred_dir: Path, gt_dir: Path) -> list[CaseFiles]:
             f"No <case>{PROB_SUFFIX} files in the --pred folder.",
             path=str(pred_dir),
             hint="Give the folder written by `mobseg predict` (SPEC section 7).",
+        )
+    ref = re.compile(_REF_RE)
+    truths = {p.name[: -len(NIFTI)] for p in gt_dir.glob(f"*{NIFTI}") if not ref.search(p.name)}
+    unpredicted = sorted(truths - set(cases))
+    if unpredicted:
+        shown = ", ".join(unpredicted[:5]) + (", ..." if len(unpredicted) > 5 else "")
+        raise InvalidInputError(
+            f"{len(unpredicted)} of {len(truths)} ground-truth cases have no prediction "
+            f"(<case>{PROB_SUFFIX}) in {pred_dir}: {shown}.",
+            path=str(gt_dir),
+            hint="Predict them, or give a --gt folder holding only the cases to score.",
         )
     out = []
     for case in cases:
@@ -322,16 +337,13 @@ def _format(value: Any) -> str:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Write ``text`` to ``path`` via a checked, fsynced temporary file and rename.
+
+    Raises:
+        StorageError: the file cannot be written in full (disk full, read-only
+            folder, a file where a folder should be).
+    """
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def write_metrics_csv(path: Path, rows: Iterable[dict[str, Any]], pooled: dict[str, Any]) -> None:

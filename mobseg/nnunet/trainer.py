@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import math
 import os
@@ -58,6 +59,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from mobseg.core.config import HeadConfig, LossConfig
+from mobseg.errors import InvalidInputError
+from mobseg.fsutil import atomic_write_bytes, describe_os_error, publish, storage_error
 from mobseg.nnunet.env import quiet
 from mobseg.nnunet.network import (
     StochasticUNet,
@@ -115,13 +118,31 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def verify_checkpoint_file(path: Path) -> None:
+    """A ``torch.save`` file (a zip archive) is complete: its central directory reads.
+
+    Raises:
+        InvalidInputError: the file is cut short or not a torch zip archive.
+    """
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            zf.infolist()
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise InvalidInputError(f"The checkpoint is incomplete ({exc}).", path=str(path)) from exc
+
+
 def atomic_torch_save(obj: Any, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file, then rename (a kill never leaves half a file)."""
+    """``torch.save`` to a temporary file, verify, fsync, then rename (never half a file)."""
     final = Path(path)
     tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
     try:
-        torch.save(obj, tmp)
-        os.replace(tmp, final)
+        try:
+            torch.save(obj, tmp)
+        except (OSError, RuntimeError) as exc:  # torch's zip writer raises RuntimeError
+            raise storage_error(final, str(exc).strip().splitlines()[0]) from exc
+        publish(tmp, final, verify_checkpoint_file)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -241,9 +262,13 @@ class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
 
     def save_checkpoint(self, filename: str) -> None:
         tmp = str(Path(filename).with_name(f".{Path(filename).name}.{os.getpid()}.tmp"))
-        super().save_checkpoint(tmp)
-        if Path(tmp).exists():
-            os.replace(tmp, filename)
+        try:
+            super().save_checkpoint(tmp)
+        except (OSError, RuntimeError) as exc:
+            Path(tmp).unlink(missing_ok=True)
+            raise storage_error(filename, str(exc).strip().splitlines()[0]) from exc
+        if Path(tmp).exists():  # nnU-Net saves on the main rank only
+            publish(tmp, filename, verify_checkpoint_file)
 
     def run_training(self) -> None:
         """nnU-Net's epoch loop, with a progress bar per epoch."""
@@ -743,15 +768,14 @@ def backbone_dice(trainer: nnUNetTrainer, samples: int = 1) -> float:
 # ---------------------------------------------------------------------------------
 def write_history(rows: list[dict[str, float]], path: Path) -> None:
     """Write the per-epoch rows to CSV (columns :data:`LOSS_COLUMNS`), atomically."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(LOSS_COLUMNS), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: (int(row[k]) if k == "epoch" else row.get(k, "")) for k in LOSS_COLUMNS}
-            )
-    os.replace(tmp, path)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(LOSS_COLUMNS), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: (int(row[k]) if k == "epoch" else row.get(k, "")) for k in LOSS_COLUMNS}
+        )
+    atomic_write_bytes(path, buf.getvalue().encode("utf-8"))
 
 
 def plot_history(rows: list[dict[str, float]], path: Path, title: str) -> None:
@@ -782,6 +806,11 @@ def plot_history(rows: list[dict[str, float]], path: Path, title: str) -> None:
         ax2.set_title("validation Dice (whole volumes, MC mean)")
         fig.tight_layout()
         tmp = path.with_name(f".{path.name}.tmp.png")
-        fig.savefig(tmp, dpi=80)
-        plt.close(fig)
-    os.replace(tmp, path)
+        try:
+            fig.savefig(tmp, dpi=80)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise storage_error(path, describe_os_error(exc)) from exc
+        finally:
+            plt.close(fig)
+    publish(tmp, path)

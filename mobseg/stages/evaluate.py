@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -193,6 +194,26 @@ def _optional_references(ws: Workspace, organ: str, case: str) -> tuple[list[Pat
     return (refs if len(refs) >= 2 else []), (None if got is None else Path(got))
 
 
+def _check_out_file(out: Path) -> None:
+    """``--out`` can take the CSV: not a folder, its folder creatable and writable.
+
+    Checked before any case is scored, so a wrong ``--out`` fails at once.
+
+    Raises:
+        ConfigurationError: ``out`` is a folder.
+        StorageError: its folder lies below a file, or is read-only.
+    """
+    from mobseg.fsutil import make_parent, storage_error
+
+    if out.is_dir():
+        raise ConfigurationError(
+            f"--out {out} is a folder; give the CSV file to write, e.g. {out / 'metrics.csv'}."
+        )
+    folder = make_parent(out)
+    if not os.access(folder, os.W_OK):
+        raise storage_error(out, "its folder is read-only")
+
+
 def _standalone(params: EvaluateParams) -> list[StageRecord]:
     from mobseg.metrics.io import evaluate_many, standalone_cases, write_metrics_csv
 
@@ -205,11 +226,12 @@ def _standalone(params: EvaluateParams) -> list[StageRecord]:
         raise ConfigurationError(
             "--pred/--gt/--out (standalone) cannot be combined with --organ, --method or --seed."
         )
+    out = Path(params.out)
+    _check_out_file(out)
     cases = standalone_cases(Path(params.pred), Path(params.gt))
     with progress.progress_bar("evaluate (standalone)", total=len(cases)) as advance:
         acc = evaluate_many(cases, params.margin, on_case=lambda _c: advance())
     pooled = acc.pooled_row()
-    out = Path(params.out)
     write_metrics_csv(out, acc.rows, pooled)
     summary = _summary(pooled)
     outputs: dict[str, Any] = {"metrics_csv": str(out)}
@@ -258,6 +280,8 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
         chosen.append(rec)
     if chosen:
         return chosen
+    if params.organ is not None and manifest.get(prepare_key(params.organ)) is None:
+        raise MissingStageError(prepare_key(params.organ), prepare_command(params.organ))
     organ = params.organ or "<organ>"
     method = params.head.method if params.head is not None else "mob"
     if params.tag is not None and params.seed is not None:

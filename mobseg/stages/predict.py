@@ -291,7 +291,7 @@ def predict_files(
     import torch
 
     from mobseg.core.registry import build_head
-    from mobseg.data.nifti import verify_nifti_file
+    from mobseg.data.nifti import files_complete, verify_nifti_file
     from mobseg.nnunet.env import quiet
     from mobseg.nnunet.export import export_parameters, file_suffixes, output_paths
     from mobseg.nnunet.network import (
@@ -359,7 +359,7 @@ def predict_files(
     with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
         for case, path in inputs.items():
             paths = output_paths(out_dir, case, n_saved, params.save)
-            if not force and all(p.exists() for p in paths.values()):
+            if not force and files_complete(paths.values(), last=paths["seg"]):
                 done.append(case)
                 advance(case=case)
                 continue

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from mobseg.errors import InvalidInputError, MobsegError
+from mobseg.fsutil import atomic_write_text
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import REPORT_KEY
 from mobseg.workspace import Workspace
@@ -96,7 +97,7 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
         files = {}
         for ext, render in RENDERERS.items():
             rel = f"tables/{t.name}.{ext}"
-            (out / rel).write_text(render(t), encoding="utf-8")
+            atomic_write_text(out / rel, render(t))
             files[ext] = rel
             table_files.append(rel)
         tables[t.name] = doc.TableBlock(t, files)
@@ -201,8 +202,8 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
         blocks += [doc.Heading("Notes"), doc.Paragraph(" ".join(notes))]
 
     md_path, html_path = out / "report.md", out / "report.html"
-    md_path.write_text(doc.render_markdown(TITLE, blocks), encoding="utf-8")
-    html_path.write_text(doc.render_html(TITLE, blocks), encoding="utf-8")
+    atomic_write_text(md_path, doc.render_markdown(TITLE, blocks))
+    atomic_write_text(html_path, doc.render_html(TITLE, blocks))
     figures = [p for p in (reliability, bases, risk, truth_fig) if p is not None]
     figures += [c[1] for c in cases]
     return {
@@ -222,6 +223,12 @@ def run(ws: Workspace, params: ReportParams, force: bool = True) -> StageRecord:
         InvalidInputError: ``--case`` names no test case of an evaluated organ.
     """
     manifest = Manifest(ws.manifest_path)
+    if not manifest.writable():  # an archived (read-only) study: report elsewhere, unrecorded
+        outputs = build(ws, params)
+        log.info("The workdir %s is read-only; the report is not recorded there.", ws.root)
+        return StageRecord(
+            stage="report", key=REPORT_KEY, params=params.to_dict(), outputs=outputs, status="done"
+        )
     with manifest.running("report", REPORT_KEY, params.to_dict()) as outputs:
         outputs.update(build(ws, params))
     rec = manifest.get(REPORT_KEY)

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from mobseg.cli import app
 from mobseg.core.config import HeadConfig
 from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError
-from mobseg.manifest import Manifest
+from mobseg.manifest import Manifest, StageRecord
 from mobseg.metrics.io import read_metrics_csv
 from mobseg.stages.evaluate import EvaluateParams, run
 from mobseg.workspace import Workspace
@@ -152,6 +152,12 @@ def test_records_of_an_older_metrics_version_are_evaluated_again(study: Workspac
 
 def test_without_predictions_names_the_command(tmp_path: Path) -> None:
     ws = Workspace(tmp_path).ensure()
+    # never prepared: the first missing stage is prepare, not predict (issue 14)
+    with pytest.raises(MissingStageError, match="mobseg prepare --organ pancreas"):
+        run(ws, EvaluateParams(organ="pancreas"))
+    Manifest(ws.manifest_path).put(
+        StageRecord(stage="prepare", key="prepare/pancreas", status="done")
+    )
     with pytest.raises(MissingStageError, match="mobseg predict --organ pancreas"):
         run(ws, EvaluateParams(organ="pancreas"))
 
