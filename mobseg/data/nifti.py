@@ -191,28 +191,34 @@ class NiftiFileInfo:
 def _parse_header(head: bytes) -> tuple[_Header, int] | None:
     """(header facts, datatype) of a single-file NIfTI from its first 540 bytes.
 
-    The header is parsed by nibabel (NIfTI-2 first, then NIfTI-1; either byte
-    order). Returns None when ``head`` is not a valid NIfTI-1/2 header.
+    The header is parsed by nibabel (NIfTI-1 or NIfTI-2, either byte order,
+    chosen by its ``sizeof_hdr``). Returns None when ``head`` is not a valid
+    NIfTI-1/2 header.
     """
-    for klass in (nib.Nifti2Header, nib.Nifti1Header):
-        if len(head) < klass.sizeof_hdr:
-            continue
-        try:
-            hdr = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=True)
-            shape = hdr.get_data_shape()
-            dtype = hdr.get_data_dtype()
-            offset = int(hdr.get_data_offset())
-        except Exception:  # nibabel raises several types for a foreign block
-            continue
-        if not 1 <= len(shape) <= 7:
-            continue
-        voxels = 1
-        for d in shape:
-            voxels *= max(int(d), 1)
-        offset = max(offset, klass.sizeof_hdr + 4)
-        float_dtype = dtype if dtype.kind == "f" else None
-        return _Header(offset, offset + voxels * dtype.itemsize, float_dtype), int(hdr["datatype"])
-    return None
+    if len(head) < 4:
+        return None
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    klass = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes else None
+    if klass is None or len(head) < klass.sizeof_hdr:
+        return None
+    try:
+        hdr = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=False)
+        if bytes(hdr["magic"]).rstrip(b"\x00") not in (b"n+1", b"ni1", b"n+2", b"ni2"):
+            return None
+        shape = hdr.get_data_shape()
+        dtype = hdr.get_data_dtype()
+        offset = int(hdr.get_data_offset())
+    except Exception:  # nibabel raises several types for a foreign or broken block
+        return None
+    if not 1 <= len(shape) <= 7:
+        return None
+    voxels = 1
+    for d in shape:
+        voxels *= max(int(d), 1)
+    offset = max(offset, klass.sizeof_hdr + 4)
+    float_dtype = dtype if dtype.kind == "f" else None
+    header = _Header(offset, offset + voxels * dtype.itemsize, float_dtype)
+    return header, int(hdr["datatype"])
 
 
 class _FiniteCounter:
