@@ -7,6 +7,32 @@ from mobseg.errors import ConfigurationError, UnknownNameError
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
+def check_device(name: str) -> None:
+    """Refuse an unknown ``--device`` (and an unavailable explicit one) before any work.
+
+    Stages call it first, so the option is checked even when the stage is
+    already done. ``auto`` and ``cpu`` need no torch import.
+
+    Raises:
+        UnknownNameError: ``name`` is not a known device.
+        ConfigurationError: CUDA or MPS was asked for but is not available.
+    """
+    if name not in DEVICE_CHOICES:
+        raise UnknownNameError("device", name, DEVICE_CHOICES)
+    if name not in ("auto", "cpu"):
+        resolve_device(name)
+
+
+def check_seed(seed: int | None) -> None:
+    """Refuse a negative ``--seed`` (every stage, as prepare does).
+
+    Raises:
+        ConfigurationError: ``seed`` < 0.
+    """
+    if seed is not None and seed < 0:
+        raise ConfigurationError(f"--seed must be >= 0, not {seed}.")
+
+
 def resolve_device(name: str = "auto") -> str:
     """Turn ``--device`` into a concrete torch device type.
 

@@ -18,10 +18,13 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import re
 from dataclasses import dataclass, field
 
 from mobseg.errors import InvalidInputError
+
+log = logging.getLogger(__name__)
 
 #: Columns of the v2.0.1 meta.csv, in order.
 META_COLUMNS: tuple[str, ...] = (
@@ -90,8 +93,9 @@ def parse_meta(data: bytes, where: str) -> tuple[list[MetaRow], list[MetaProblem
 
     Returns:
         The usable rows in file order, and the problems of the unusable ones.
-        Every row of a duplicated id is unusable (which one is right cannot be
-        told); the id is reported once.
+        An id listed several times with identical rows is kept once (with a
+        warning); when its rows disagree every one is unusable (which one is
+        right cannot be told) and the id is reported once.
 
     Raises:
         InvalidInputError: empty file, undecodable bytes, no ``image_id`` or
@@ -159,8 +163,12 @@ def parse_meta(data: bytes, where: str) -> tuple[list[MetaRow], list[MetaProblem
     if not rows and not problems:
         raise InvalidInputError("meta.csv has a header but no cases.", path=where)
     counts: dict[str, list[int]] = {}
+    same: dict[str, bool] = {}
+    first_fields: dict[str, dict[str, str]] = {}
     for row in rows:
         counts.setdefault(row.image_id, []).append(row.line)
+        first = first_fields.setdefault(row.image_id, row.fields)
+        same[row.image_id] = same.get(row.image_id, True) and row.fields == first
     unique: list[MetaRow] = []
     reported: set[str] = set()
     for row in rows:
@@ -169,12 +177,22 @@ def parse_meta(data: bytes, where: str) -> tuple[list[MetaRow], list[MetaProblem
             if row.image_id in reported:
                 continue
             reported.add(row.image_id)
+            if same[row.image_id]:
+                log.warning(
+                    "%s lists %s %d times with identical rows (lines %s); it is kept once.",
+                    where,
+                    row.image_id,
+                    len(lines_of),
+                    ", ".join(map(str, lines_of)),
+                )
+                unique.append(row)
+                continue
             problems.append(
                 MetaProblem(
                     row.image_id,
                     "duplicate_id",
                     f"meta.csv lists {row.image_id} {len(lines_of)} times (lines "
-                    f"{', '.join(map(str, lines_of))}); its rows disagree or repeat, so the case "
+                    f"{', '.join(map(str, lines_of))}) with different rows, so the case "
                     "is left out.",
                 )
             )

@@ -34,8 +34,10 @@ import http.client
 import json
 import logging
 import os
+import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -160,7 +162,19 @@ def _retrying(
 
 
 def _classify(exc: BaseException, url: str) -> BaseException:
-    """Turn a urllib error into _Transient (retry) or DownloadError (give up)."""
+    """Turn a urllib error into _Transient (retry) or DownloadError (give up).
+
+    A host name that does not resolve (no network, no DNS, a typo in the
+    URL) gives up at once: retrying it for minutes helps nobody.
+    """
+    reason = getattr(exc, "reason", None) if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(reason, socket.gaierror):
+        host = urllib.parse.urlsplit(url).hostname or url
+        return DownloadError(
+            f"Cannot resolve the host {host} ({reason.strerror or reason}): no network?",
+            "Check the network connection (or --zenodo-url) and run the command again; "
+            "downloads resume.",
+        )
     if isinstance(exc, urllib.error.HTTPError):
         if exc.code in _RETRY_STATUS:
             t = _Transient(f"HTTP {exc.code}")
@@ -378,6 +392,7 @@ def _download_locked(
                         hasher, hashed = hashlib.md5(), 0
                         raise _Transient(f"unexpected Content-Range {start} for offset {offset}")
                 progressed = False
+                got = 0
                 try:
                     with open(part, mode) as out:
                         while True:
@@ -387,12 +402,21 @@ def _download_locked(
                             out.write(chunk)
                             hasher.update(chunk)
                             hashed += len(chunk)
+                            got += len(chunk)
                             progressed = True
                             prog.update(task, completed=hashed)
                 except (http.client.HTTPException, OSError) as exc:
                     if progressed:
                         raise _Progressed(str(exc) or type(exc).__name__) from exc
                     raise _classify(exc, zf.url) from exc
+            length = resp.headers.get("Content-Length")
+            if hashed < zf.size and length is not None and length.isdigit() and got == int(length):
+                # the server sent its whole file: it is shorter than the record says
+                raise _put_aside(
+                    part,
+                    f"Size mismatch: the server sent all of {zf.key}, {hashed} bytes, but the "
+                    f"record says {zf.size}.",
+                )
             if hashed < zf.size:
                 raise _Progressed(f"connection closed at {hashed} of {zf.size} bytes")
             return True
@@ -475,12 +499,19 @@ def fetch_dataset(
             f"(files: {', '.join(f.key for f in files)})."
         )
     zf = chosen[0]
-    if zf.key == ds.filename and zf.md5 != ds.md5:
+    if zf.key == ds.filename and (zf.md5 != ds.md5 or (ds.size is not None and zf.size != ds.size)):
+        # the published md5 wins: a mirror (or a changed record) cannot swap the data
         log.warning(
-            "Zenodo record %s lists md5 %s for %s; mobseg knows %s. Verifying against the record.",
-            ds.record,
+            "%s lists md5 %s (%d bytes) for %s; the published archive has md5 %s%s. "
+            "Verifying against the published values.",
+            base_url,
             zf.md5,
+            zf.size,
             zf.key,
             ds.md5,
+            "" if ds.size is None else f" ({ds.size} bytes)",
+        )
+        zf = ZenodoFile(
+            key=zf.key, size=ds.size if ds.size is not None else zf.size, md5=ds.md5, url=zf.url
         )
     return download_file(zf, dest_dir, policy, sleep)

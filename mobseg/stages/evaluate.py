@@ -422,6 +422,8 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
     """
     if params.margin < 0:
         raise ConfigurationError(f"--margin must be >= 0, got {params.margin}.")
+    if params.seed is not None and params.seed < 0:
+        raise ConfigurationError(f"--seed must be >= 0, not {params.seed}.")
     if params.standalone:
         return _standalone(params)
     manifest = Manifest(ws.manifest_path)

@@ -131,9 +131,12 @@ def run(ws: Workspace, params: FinetuneParams, force: bool = False) -> StageReco
         MissingStageError: ``pretrain`` has not finished for the organ.
         ConfigurationError: another preset than the backbone's, or a bad option.
     """
-    from mobseg.device import resolve_device
+    from mobseg.device import check_device, check_seed, resolve_device
     from mobseg.nnunet.context import pretrained_model
     from mobseg.nnunet.presets import get_preset
+
+    check_seed(params.seed)
+    check_device(params.device)
 
     for name in ("epochs", "iterations", "val_every"):
         value = getattr(params, name)

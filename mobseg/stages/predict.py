@@ -212,9 +212,12 @@ def run(
         InvalidInputError: unreadable or missing inputs.
         ConfigurationError: bad options.
     """
-    from mobseg.device import resolve_device
+    from mobseg.device import check_device, check_seed, resolve_device
     from mobseg.nnunet.context import prepared_dataset, pretrained_model
     from mobseg.nnunet.presets import get_preset
+
+    check_seed(params.seed)
+    check_device(params.device)
 
     if params.samples < 1:
         raise ConfigurationError(f"--samples must be >= 1, got {params.samples}.")

@@ -70,9 +70,10 @@ def run(ws: Workspace, params: PretrainParams, force: bool = False) -> StageReco
         ConfigurationError: a finished backbone used another preset (use
             ``force``), more than one GPU was asked for, or a bad option.
     """
-    from mobseg.device import resolve_device
+    from mobseg.device import check_device, resolve_device
     from mobseg.nnunet.context import prepared_dataset
 
+    check_device(params.device)
     preset = get_preset(params.preset)
     if params.num_gpus < 1:
         raise ConfigurationError(f"--num-gpus must be >= 1, got {params.num_gpus}.")

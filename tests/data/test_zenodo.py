@@ -105,7 +105,10 @@ class Server:
 
 
 @pytest.fixture
-def server() -> Iterator[Server]:
+def server(monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
+    # the fake server serves the "published" small archive: PAYLOAD is its content
+    published = zenodo.ZenodoDataset("10047263", NAME, None, hashlib.md5(PAYLOAD).hexdigest())
+    monkeypatch.setitem(zenodo.DATASETS, "small", published)
     s = Server(Behaviour())
     yield s
     s.close()
@@ -160,8 +163,11 @@ def test_server_ignoring_range_restarts_cleanly(server: Server, tmp_path: Path) 
     assert path.read_bytes() == PAYLOAD
 
 
-def test_md5_mismatch_keeps_the_file_aside(server: Server, tmp_path: Path) -> None:
+def test_md5_mismatch_keeps_the_file_aside(
+    server: Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     server.b.md5 = "0" * 32
+    monkeypatch.setitem(zenodo.DATASETS, "small", zenodo.ZenodoDataset("1", NAME, None, "0" * 32))
     with pytest.raises(DownloadError) as info:
         fetch_dataset("small", tmp_path, server.url, FAST, no_sleep)
     bad = tmp_path / (NAME + ".bad")
@@ -223,9 +229,36 @@ def test_size_mismatch_is_reported(server: Server, tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match=f"has {len(PAYLOAD)} bytes, Zenodo says"):
         download_file(longer, tmp_path, RetryPolicy(retries=0, backoff=0.0), no_sleep)
     assert (tmp_path / (NAME + ".bad")).stat().st_size == len(PAYLOAD)
+    # the server sends its whole (shorter) file: a size mismatch at once, not 9 retries
     shorter = ZenodoFile(NAME, len(PAYLOAD) + 10, server.b.md5, url)
-    with pytest.raises(DownloadError, match=f"closed at {len(PAYLOAD)} of {len(PAYLOAD) + 10}"):
-        download_file(shorter, tmp_path / "b", RetryPolicy(retries=1, backoff=0.0), no_sleep)
+    slept: list[float] = []
+    with pytest.raises(DownloadError, match=f"Size mismatch: .* {len(PAYLOAD)} bytes, but the"):
+        download_file(shorter, tmp_path / "b", RetryPolicy(retries=8, backoff=0.0), slept.append)
+    assert slept == [] and len(downloads(server)) == 2
+    assert (tmp_path / "b" / (NAME + ".bad")).stat().st_size == len(PAYLOAD)
+
+
+def test_a_mirrors_md5_does_not_replace_the_published_one(server: Server, tmp_path: Path) -> None:
+    other = b"another archive" * 1000
+    server.b.payload, server.b.md5 = other, hashlib.md5(other).hexdigest()
+    with pytest.raises(DownloadError, match=f"Zenodo says {hashlib.md5(PAYLOAD).hexdigest()}"):
+        fetch_dataset("small", tmp_path, server.url, FAST, no_sleep)
+    assert not (tmp_path / NAME).exists()
+
+
+def test_no_network_fails_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+    import time
+
+    def no_dns(*_a, **_k):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_dns)
+    slept: list[float] = []
+    start = time.monotonic()
+    with pytest.raises(DownloadError, match="Cannot resolve the host zenodo.org"):
+        fetch_dataset("small", tmp_path, "https://zenodo.org", RetryPolicy(), slept.append)
+    assert slept == [] and time.monotonic() - start < 30
 
 
 def test_known_archives() -> None:

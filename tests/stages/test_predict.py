@@ -11,6 +11,7 @@ import SimpleITK as sitk
 from nnunet_testlib import pretrained_micro_workspace
 
 from mobseg.core.config import HeadConfig
+from mobseg.data import nifti
 from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError
 from mobseg.manifest import Manifest
 from mobseg.stages import predict
@@ -137,6 +138,14 @@ def test_default_input_is_the_test_split_and_interrupted_runs_resume(micro_ws: W
     rec2 = predict.run(micro_ws, params)
     assert rec2.status == "done" and missing.exists()
     assert rec2.outputs["cases"] == cases
+    # ... and so is a case whose segmentation exists but does not read back (a full disk
+    # under an older mobseg left such files): the skip check verifies it (issue 14)
+    manifest.start("predict", rec.key, rec.params, rec.inputs)
+    data = missing.read_bytes()
+    missing.write_bytes(data[: len(data) // 2])
+    predict.run(micro_ws, params)
+    assert missing.read_bytes() != data[: len(data) // 2]
+    nifti.verify_nifti_file(missing)
 
 
 def test_other_options_redo_every_case_and_drop_extra_samples(micro_ws: Workspace) -> None:
