@@ -745,7 +745,7 @@ def test_cli_unknown_organ_exits_1_with_a_suggestion(tmp_path: Path) -> None:
 
 
 def test_zenodo_source_downloads_into_the_workdir_and_prepares(
-    dataset: Path, tmp_path: Path
+    dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import functools
     import hashlib
@@ -763,6 +763,13 @@ def test_zenodo_source_downloads_into_the_workdir_and_prepares(
 
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(served)))
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    # this fake archive is the "published" one: the known md5 is verified (issue 14)
+    from mobseg.data import zenodo
+
+    digest = hashlib.md5(archive.read_bytes()).hexdigest()
+    monkeypatch.setitem(
+        zenodo.DATASETS, "small", zenodo.ZenodoDataset("10047263", name, None, digest)
+    )
     (served / "api" / "records").mkdir(parents=True)
     (served / "api" / "records" / "10047263").write_text(
         json.dumps(
