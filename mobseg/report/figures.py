@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from mobseg.fsutil import atomic_path
 from mobseg.report.collect import BACKBONE_LABEL, RowKey, RunResult, StudyResults, mean_std
 from mobseg.report.paper import organ_label
 
@@ -97,11 +98,16 @@ def _suptitle(fig: Any, text: str, width_in: float, y: float | None = None) -> N
 
 
 def _save(fig: Any, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=DPI, bbox_inches="tight", facecolor="white")
+    """Save ``fig`` atomically (verified, fsynced, umask mode) and close it."""
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(
+                tmp, dpi=DPI, bbox_inches="tight", facecolor="white", format=path.suffix[1:]
+            )
+    finally:
+        plt.close(fig)
     return path
 
 

@@ -206,3 +206,25 @@ def test_resampling_integer_images_and_masks() -> None:
     assert m_arr.dtype == np.uint8 and set(np.unique(m_arr)) == {0, 1}
     # the upsampled cube keeps its physical volume within a voxel layer
     assert m_arr.sum() * 0.125 == pytest.approx(mask.sum(), rel=0.35)
+
+
+@pytest.mark.parametrize("kind", ["nifti2", "big-endian"])
+def test_nifti2_and_big_endian_headers_verify(tmp_path: Path, kind: str) -> None:
+    """The header is parsed by nibabel: NIfTI-2 and either byte order."""
+    arr = np.arange(3 * 4 * 5, dtype=np.float32).reshape(3, 4, 5)
+    arr[1, 2, 3] = np.nan
+    path = tmp_path / "x.nii.gz"
+    if kind == "nifti2":
+        nib.save(nib.Nifti2Image(arr, np.eye(4)), str(path))
+    else:  # nibabel writes native order: build the big-endian file by hand
+        hdr = nib.Nifti1Image(arr, np.eye(4)).header.as_byteswapped(">")
+        hdr.set_data_offset(352)
+        body = hdr.binaryblock + b"\0" * 4 + arr.astype(">f4").tobytes(order="F")
+        path.write_bytes(gzip.compress(body))
+        assert nib.load(str(path)).header.endianness == ">"
+    info = nifti.verify_nifti_file(path)
+    assert info.datatype == 16 and info.n_nan == 1 and info.n_inf == 0
+    raw = gzip.decompress(path.read_bytes())
+    path.write_bytes(gzip.compress(raw[:-4]))
+    with pytest.raises(InvalidInputError, match=r"truncated: \d+ of \d+ bytes"):
+        nifti.verify_nifti_file(path)
