@@ -221,7 +221,11 @@ def standalone_cases(pred_dir: Path, gt_dir: Path) -> list[CaseFiles]:
             hint="Give the folder written by `mobseg predict` (SPEC section 7).",
         )
     ref = re.compile(_REF_RE)
-    truths = {p.name[: -len(NIFTI)] for p in gt_dir.glob(f"*{NIFTI}") if not ref.search(p.name)}
+    truths = {
+        p.name[: -len(NIFTI)]
+        for p in gt_dir.glob(f"*{NIFTI}")
+        if not ref.search(p.name) and not p.name.endswith(PTRUE_SUFFIX)  # a case's companions
+    }
     unpredicted = sorted(truths - set(cases))
     if unpredicted:
         shown = ", ".join(unpredicted[:5]) + (", ..." if len(unpredicted) > 5 else "")

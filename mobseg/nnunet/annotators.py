@@ -27,18 +27,32 @@ Validation (checkpoint selection) keeps annotator 0.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from mobseg.errors import InvalidInputError
+from mobseg.fsutil import describe_os_error, publish, storage_error
+
+
+def _verify_npy(path: Path) -> None:
+    try:
+        np.load(path, mmap_mode="r")  # the header's shape must fit the file's size
+    except (ValueError, OSError) as exc:
+        raise InvalidInputError(f"The cached array is incomplete ({exc}).", path=str(path)) from exc
+
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    """``np.save`` to a temporary file, verify, fsync, umask mode, rename."""
     tmp = path.with_name(path.name + ".tmp.npy")
-    np.save(tmp, arr)
-    os.replace(tmp, path)
+    try:
+        np.save(tmp, arr)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise storage_error(path, describe_os_error(exc)) from exc
+    publish(tmp, path, _verify_npy)
 
 
 def cache_dir(base: Path, plans_file: Path, configuration: str) -> Path:

@@ -62,7 +62,8 @@ def test_evaluate_out_that_cannot_take_the_csv(tmp_path: Path) -> None:
 
 def test_evaluate_refuses_ground_truth_without_prediction(tmp_path: Path) -> None:
     pred, gt = _pred_gt(tmp_path, ("s1",), ("s1", "s2", "s3"))
-    (gt / "s1_ref1.nii.gz").write_bytes((gt / "s1.nii.gz").read_bytes())  # a rater, not a case
+    for companion in ("s1_ref1", "s1_p_true"):  # a rater and p*, not cases
+        (gt / f"{companion}.nii.gz").write_bytes((gt / "s1.nii.gz").read_bytes())
     out = tmp_path / "m.csv"
     result = runner.invoke(
         app, ["evaluate", "--pred", str(pred), "--gt", str(gt), "--out", str(out)]
