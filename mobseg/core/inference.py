@@ -121,8 +121,10 @@ def voxel_maps(
         generator: Random generator for C > 2.
 
     Returns:
-        :class:`VoxelMaps`. For C = 2 the segmentation is m > 0, which is
-        argmax E[p] exactly (E[sigmoid(d)] > 1/2 if and only if m > 0).
+        :class:`VoxelMaps`. For C = 2 the segmentation is E[p] > 1/2, the
+        argmax of the computed E[p] (mathematically m > 0, since
+        E[sigmoid(d)] > 1/2 if and only if m > 0), so that the written
+        segmentation and probability never disagree by rounding.
     """
     if params.shape[0] != num_parameter_channels(num_classes):
         raise ValueError(
@@ -133,7 +135,7 @@ def voxel_maps(
         m, v = params[0], params[1]
         b = binary_maps(m, v.clamp_min(0))
         return VoxelMaps(
-            seg=(m > 0).to(torch.uint8),
+            seg=(b.mean_p > 0.5).to(torch.uint8),
             prob=b.mean_p,
             var=b.var_p,
             entropy=b.predictive_entropy,

@@ -21,7 +21,7 @@ preprocessing in the order of nnU-Net's export:
    interpolated between voxels: between a voxel with p = 0 and one with
    p = 1 that would give Var[p] = 0.25 and MI = ln 2 that no model predicted.
 
-Per voxel: segmentation = argmax E[p] (uint8; for C = 2, m > 0); foreground
+Per voxel: segmentation = argmax E[p] (uint8; for C = 2, E[p] > 1/2); foreground
 E[p] (float32; C > 2: a vector image of classes 1..C-1); Var[p] of the
 foreground; predictive entropy H(E[p]) and mutual information
 H(E[p]) - E[H(p)] (nats). With ``logits`` in the saved maps and C = 2, also
