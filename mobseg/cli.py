@@ -412,6 +412,13 @@ def predict(
             "checkpoint's recorded mixing."
         ),
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="test or val: the organ's split to predict (val: the calibration set of "
+            "conformal risk control in evaluate)."
+        ),
+    ] = "test",
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
@@ -436,6 +443,7 @@ def predict(
             save_samples=save_samples,
             run=run,
             inference_mixing=inference_mixing,
+            split=split,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -461,6 +469,16 @@ def evaluate(
     margin: Annotated[
         int, typer.Option(help="Margin (voxels) of the ROI columns: box of G or S plus it.")
     ] = 10,
+    boundary_width: Annotated[
+        int, typer.Option(help="Width (voxels) of the boundary band of the case scores.")
+    ] = 2,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="Conformal risk control: bound on the expected FNR of {p >= lambda}, "
+            "calibrated on the val predictions (predict --split val)."
+        ),
+    ] = 0.1,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -483,6 +501,8 @@ def evaluate(
             out=out_file,
             margin=margin,
             run=run,
+            boundary_width=boundary_width,
+            alpha=alpha,
         )
         # standalone evaluation touches no workdir (it may be absent or read-only)
         ws = Workspace.from_option(state.workdir) if params.standalone else workspace()

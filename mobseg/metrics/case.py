@@ -121,6 +121,7 @@ CASE_COLUMNS: tuple[str, ...] = (
     *(f"{c}{ROI}" for c in REGION_SCORES),
     "n_true",
     "n_pred",
+    "fnr",
     "auroc_var",
     "auprc_var",
     "auroc_entropy",
@@ -495,6 +496,7 @@ def evaluate_case(
         **in_roi.columns(ROI),
         n_true=dice.n_true,
         n_pred=n_pred,
+        fnr=1.0 - nan_if_zero(dice.intersection, dice.n_true),
         auroc_entropy=err_ent.auroc(),
         auprc_entropy=err_ent.auprc(),
         mean_entropy_pred=mean_over_pred(sums["ent"], sums["ent_all"]),
@@ -665,7 +667,7 @@ class TestSetAccumulator:
             n_nan_dice=int(dice.size - valid.size),
         )
         row["diversity_ratio"] = diversity_ratio(row["diversity"], row["reference_diversity"])
-        for name in ("mean_mi_pred", "volume_cv"):
+        for name in ("fnr", "mean_mi_pred", "volume_cv"):
             row[name] = nanmean(name)
         for name in ("var", "entropy", "mi"):
             row[f"mean_{name}_boundary"] = nanmean(f"mean_{name}_boundary")

@@ -318,6 +318,30 @@ def evaluate_files(
         raise InvalidInputError(str(exc), case=case, path=str(files.prob)) from exc
 
 
+def threshold_histogram(files: CaseFiles, size: int | None = None) -> Any:
+    """Read a case's probability and mask into a conformal threshold histogram.
+
+    Args:
+        files: The case (only ``prob`` and ``gt`` are read).
+        size: K of the threshold grid (None = the default).
+
+    Returns:
+        A :class:`mobseg.metrics.conformal.ThresholdHistogram`.
+
+    Raises:
+        InvalidInputError: as :func:`evaluate_files`.
+    """
+    from mobseg.metrics.conformal import DEFAULT_GRID, ThresholdHistogram
+
+    case = files.case
+    gt = _read_image(files.gt, case)
+    _check_mask_file(gt, case, "ground-truth mask")
+    prob = _read_image(files.prob, case)
+    _check_geometry(prob, gt, case, "probability")
+    _check_probability_file(prob, case, "probability")
+    return ThresholdHistogram(size or DEFAULT_GRID).add(prob.array, gt.array > 0)
+
+
 def evaluate_many(
     cases: Sequence[CaseFiles],
     margin: int = 10,
