@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mobseg import progress
-from mobseg.errors import MobsegError
+from mobseg.errors import ConfigurationError, MobsegError
 from mobseg.workspace import WORKDIR_ENV, Workspace
 
 app = typer.Typer(
@@ -357,8 +357,10 @@ def predict(
         typer.Option(
             "--method",
             "-m",
-            help="deterministic, diagonal, lowrank, single-basis, mob, or backbone (the "
-            "pretrained network itself, recorded under the tag 'backbone', seed 0).",
+            help="deterministic, diagonal, lowrank, single-basis, mob, backbone (the "
+            "pretrained network itself, recorded under the tag 'backbone', seed 0), or "
+            "ensemble (a deep ensemble of the finished predictions of --members over seeds, "
+            "tag 'ensemble-<members>', seed 0; no new training).",
         ),
     ] = "mob",
     seed: SeedOpt = 0,
@@ -419,11 +421,36 @@ def predict(
             "conformal risk control in evaluate)."
         ),
     ] = "test",
+    members: Annotated[
+        str, typer.Option(help="Ensemble: the members' run tag (default: the fine-tuned control).")
+    ] = "deterministic",
+    member_seeds: Annotated[
+        str | None,
+        typer.Option(help="Ensemble: comma-separated member seeds; default: every predicted seed."),
+    ] = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
     """Predict segmentation, probability, variance, entropy and MI maps (one pass per tile)."""
     from mobseg.stages import predict as stage
+
+    if method == "ensemble":
+        from mobseg.stages import ensemble
+
+        def ens() -> Any:
+            seeds = None
+            if member_seeds is not None:
+                try:
+                    seeds = tuple(int(x) for x in member_seeds.split(",") if x.strip())
+                except ValueError as exc:
+                    raise ConfigurationError(
+                        f"--member-seeds must be comma-separated integers, got {member_seeds!r}."
+                    ) from exc
+            params = ensemble.EnsembleParams(_organ(organ), members, seeds, split)
+            return ensemble.run(workspace(), params, force=force)
+
+        _print_record(guarded(ens))
+        return
 
     def go() -> Any:
         backbone = method == "backbone"
@@ -740,8 +767,6 @@ def study(
         for item in slurm_arg or []:
             k, sep, v = item.partition("=")
             if not sep or not k.strip():
-                from mobseg.errors import ConfigurationError
-
                 raise ConfigurationError(
                     f"--slurm-arg {item!r} is not KEY=VALUE.", "Write e.g. --slurm-arg account=abc."
                 )

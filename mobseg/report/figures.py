@@ -44,6 +44,7 @@ METHOD_COLORS = {
     "lowrank": "#ff7f0e",
     "single-basis": "#2ca02c",
     "mob": "#d62728",
+    "ensemble": "#8c564b",
 }
 LINESTYLES = ("-", "--", ":", "-.")
 

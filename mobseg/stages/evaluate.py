@@ -105,6 +105,7 @@ SUMMARY_KEYS = (
     "pstar_var_corr_band",
     "pstar_var_ratio_band",
     "fnr",
+    "volume_cv",
     *FAILURE_COLUMNS,
     *CRC_KEYS,
     "n_cases",
@@ -399,11 +400,14 @@ def evaluate_prediction(
 
     backbone = tag == BACKBONE_TAG or bool(pred_rec.params.get("backbone"))
     head = {} if backbone else (pred_rec.params.get("head") or {})
+    method = "deterministic" if backbone else head.get("method")
+    if pred_rec.params.get("ensemble"):
+        method = "ensemble"
     run_params = {
         "organ": organ,
         "tag": tag,
         "seed": seed,
-        "method": "deterministic" if backbone else head.get("method"),
+        "method": method,
         "bases": head.get("bases"),
         "backbone": backbone,
         "head": head or None,
