@@ -314,6 +314,10 @@ def finetune(
     ] = "0",
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     lambda_kl: Annotated[float, typer.Option(help="Weight of the KL term.")] = 5e-4,
+    freeze_backbone: Annotated[
+        bool,
+        typer.Option(help="Train the head only; the pretrained backbone stays fixed (SegWithU)."),
+    ] = False,
     preset: Annotated[
         str | None,
         typer.Option("--preset", help="paper, cpu or micro; default: the backbone's preset."),
@@ -343,6 +347,7 @@ def finetune(
             iterations=iterations,
             lr=lr,
             annotators=annotators,
+            freeze_backbone=freeze_backbone,
         )
         return stage.run(workspace(), params, force=force)
 

@@ -217,6 +217,8 @@ class RunConfig:
         val_every: Validation interval (it selects ``checkpoint_best.pth``);
             None = the preset's.
         annotators: ``0`` or ``all`` (:data:`ANNOTATOR_CHOICES`).
+        freeze_backbone: Only the head learns; the pretrained backbone's
+            weights stay as they are (as SegWithU trains its head).
     """
 
     head: HeadConfig
@@ -227,6 +229,7 @@ class RunConfig:
     iterations: int | None = None
     val_every: int | None = None
     annotators: str = "0"
+    freeze_backbone: bool = False
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
@@ -266,6 +269,8 @@ class RunConfig:
                 parts.append("anti")
         if self.annotators != "0":
             parts.append(f"ann{self.annotators}")
+        if self.freeze_backbone:
+            parts.append("frozen")
         hashed = self.hashed_options()
         if hashed:
             text = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
@@ -278,9 +283,9 @@ class RunConfig:
         ``HeadConfig.tag()`` followed by, in this order and only when they
         differ from the defaults: ``-lse`` (``mc_loss`` logsumexp), ``-k<k>``
         (samples per step), ``-anti`` (antithetic pairs), ``-annall``
-        (``--annotators all``), and ``-x<8 hex>``, the first 8 hex digits of
-        the SHA-256 of the JSON (sorted keys, no spaces) of every other
-        non-default option (:meth:`hashed_options`: lambdas, Dice smoothing,
+        (``--annotators all``), ``-frozen`` (``--freeze-backbone``), and
+        ``-x<8 hex>``, the first 8 hex digits of the SHA-256 of the JSON
+        (sorted keys, no spaces) of every other non-default option (:meth:`hashed_options`: lambdas, Dice smoothing,
         eps, lr, weight decay, and epochs, iterations or validation interval
         other than the preset's). The paper's configurations keep their
         readable tags (``mob-b3-r16``). A deterministic run ignores the
