@@ -285,9 +285,10 @@ class RunConfig:
         (samples per step), ``-anti`` (antithetic pairs), ``-annall``
         (``--annotators all``), ``-frozen`` (``--freeze-backbone``), and
         ``-x<8 hex>``, the first 8 hex digits of the SHA-256 of the JSON
-        (sorted keys, no spaces) of every other non-default option (:meth:`hashed_options`: lambdas, Dice smoothing,
-        eps, lr, weight decay, and epochs, iterations or validation interval
-        other than the preset's). The paper's configurations keep their
+        (sorted keys, no spaces) of every other non-default option
+        (:meth:`hashed_options`: lambdas, Dice smoothing, eps, lr, weight
+        decay, and epochs, iterations or validation interval other than the
+        preset's). The paper's configurations keep their
         readable tags (``mob-b3-r16``). A deterministic run ignores the
         options it does not use (samples, objective, KL, orthogonality and
         entropy weights), so they do not split it.
