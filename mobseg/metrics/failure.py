@@ -20,8 +20,10 @@ Dice (numpy's linear interpolation; cases with undefined Dice are left out).
 Each score is rated by the AUROC of flagging the failed cases
 (:func:`auroc`, ties counted one half, as scikit-learn's ``roc_auc_score``)
 and by Spearman's rank correlation with 1 - Dice (:func:`spearman`, average
-ranks for ties, as ``scipy.stats.spearmanr``). Both are NaN when undefined
-(one class only; a constant score).
+ranks for ties, as ``scipy.stats.spearmanr``). The AUROC is NaN without a
+failed and a non-failed case and 0.5 for a constant score (all pairs tied,
+e.g. the zero Var of a deterministic model); Spearman's rho is NaN for a
+constant score.
 """
 
 from __future__ import annotations

@@ -155,3 +155,11 @@ def test_pooled_failure_columns_match_sklearn_and_scipy() -> None:
         (math.isnan(v) and math.isnan(pooled[k])) or v == pooled[k] for k, v in direct.items()
     )
     assert len(direct) == 2 + 2 * len(CASE_SCORES)
+
+
+def test_a_constant_score_ranks_at_chance_and_has_no_correlation() -> None:
+    from mobseg.metrics.failure import spearman
+
+    y = np.array([1, 0, 0, 0], bool)
+    assert auroc(y, np.zeros(4)) == roc_auc_score(y, np.zeros(4)) == 0.5
+    assert math.isnan(spearman(np.zeros(4), np.arange(4.0)))
