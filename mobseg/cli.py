@@ -318,6 +318,16 @@ def finetune(
         bool,
         typer.Option(help="Train the head only; the pretrained backbone stays fixed (SegWithU)."),
     ] = False,
+    mc_dropout: Annotated[
+        bool,
+        typer.Option(
+            help="MC-dropout variant: channel dropout (--dropout-rate) after every decoder "
+            "convolution during fine-tuning (use with --method deterministic)."
+        ),
+    ] = False,
+    dropout_rate: Annotated[
+        float, typer.Option(help="Decoder dropout rate of --mc-dropout.")
+    ] = 0.1,
     preset: Annotated[
         str | None,
         typer.Option("--preset", help="paper, cpu or micro; default: the backbone's preset."),
@@ -348,6 +358,7 @@ def finetune(
             lr=lr,
             annotators=annotators,
             freeze_backbone=freeze_backbone,
+            decoder_dropout=dropout_rate if mc_dropout else 0.0,
         )
         return stage.run(workspace(), params, force=force)
 

@@ -219,6 +219,8 @@ class RunConfig:
         annotators: ``0`` or ``all`` (:data:`ANNOTATOR_CHOICES`).
         freeze_backbone: Only the head learns; the pretrained backbone's
             weights stay as they are (as SegWithU trains its head).
+        decoder_dropout: Rate of the MC-dropout variant's channel dropout in
+            the decoder (0 = none; ``finetune --mc-dropout``).
     """
 
     head: HeadConfig
@@ -230,9 +232,14 @@ class RunConfig:
     val_every: int | None = None
     annotators: str = "0"
     freeze_backbone: bool = False
+    decoder_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
+        if not 0.0 <= self.decoder_dropout < 1.0:
+            raise ConfigurationError(
+                f"--dropout-rate must lie in [0, 1), got {self.decoder_dropout}."
+            )
 
     def hashed_options(self) -> dict[str, Any]:
         """The non-default options that have no readable part in :meth:`tag`."""
@@ -271,6 +278,8 @@ class RunConfig:
             parts.append(f"ann{self.annotators}")
         if self.freeze_backbone:
             parts.append("frozen")
+        if self.decoder_dropout > 0:
+            parts.append(f"mcd{self.decoder_dropout:g}")
         hashed = self.hashed_options()
         if hashed:
             text = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
@@ -283,7 +292,8 @@ class RunConfig:
         ``HeadConfig.tag()`` followed by, in this order and only when they
         differ from the defaults: ``-lse`` (``mc_loss`` logsumexp), ``-k<k>``
         (samples per step), ``-anti`` (antithetic pairs), ``-annall``
-        (``--annotators all``), ``-frozen`` (``--freeze-backbone``), and
+        (``--annotators all``), ``-frozen`` (``--freeze-backbone``),
+        ``-mcd<rate>`` (``--mc-dropout``, decoder dropout), and
         ``-x<8 hex>``, the first 8 hex digits of the SHA-256 of the JSON
         (sorted keys, no spaces) of every other non-default option
         (:meth:`hashed_options`: lambdas, Dice smoothing, eps, lr, weight

@@ -338,17 +338,21 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
         label: str = "finetune",
         annotator_segs: dict[str, list[Path | None]] | None = None,
         freeze_backbone: bool = False,
+        decoder_dropout: float = 0.0,
     ) -> None:
         """Set the method and protocol (call once, before ``initialize``).
 
         ``freeze_backbone``: only the head's parameters are optimised; the
         backbone's get ``requires_grad = False`` and it runs in eval mode.
+        ``decoder_dropout``: channel dropout rate in the decoder (MC-dropout
+        variant; :func:`mobseg.nnunet.network.add_decoder_dropout`).
         ``annotator_segs`` (case -> ``[None, path_1, ...]`` from
         :func:`mobseg.nnunet.annotators.preprocess_annotators`) trains on a
         random annotator per case per iteration; None = the nnU-Net label.
         """
         self.head_cfg = head
         self.freeze_backbone = freeze_backbone
+        self.decoder_dropout = decoder_dropout
         self.annotator_segs = annotator_segs
         self.loss_cfg = loss
         self.seed = seed
@@ -400,6 +404,7 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
             num_output_channels,
             self.head_cfg,
             enable_deep_supervision,
+            decoder_dropout=getattr(self, "decoder_dropout", 0.0),
         )
 
     def _set_batch_size_and_oversample(self) -> None:
@@ -596,6 +601,7 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
                 "best_epoch": self.best_epoch,
                 "inference_mixing": self.head_cfg.mixing,
                 "freeze_backbone": self.freeze_backbone,
+                "decoder_dropout": self.decoder_dropout,
                 "rng": rng_state(),
             },
         }

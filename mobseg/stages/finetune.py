@@ -20,6 +20,13 @@ gradient, are left out of the optimizer (so weight decay does not touch them
 either) and the backbone runs in eval mode; its deep-supervision outputs then
 add a constant to the loss.
 
+``decoder_dropout = p > 0`` is the MC-dropout variant of the backbone:
+channel dropout of rate p after every convolution of the decoder
+(:func:`mobseg.nnunet.network.add_decoder_dropout`), active during the
+training steps and off for validation; fine-tuned with the same protocol
+(the deterministic head gives the MC-dropout baseline). The checkpoint
+records the rate (``mobseg.decoder_dropout``) for the predictor.
+
 ``annotators = "all"`` trains on a random annotator's mask per case per
 iteration (:mod:`mobseg.nnunet.annotators`); the masks are preprocessed with
 nnU-Net's preprocessing of the backbone once per organ.
@@ -74,6 +81,8 @@ class FinetuneParams:
         annotators: ``0`` (the nnU-Net label) or ``all`` (a random annotator
             per case per iteration; sources with several annotators only).
         freeze_backbone: Train the head only (tag suffix ``-frozen``).
+        decoder_dropout: MC-dropout variant: channel dropout of this rate in
+            the decoder during training (tag suffix ``-mcd<rate>``); 0 = none.
     """
 
     organ: str
@@ -89,14 +98,16 @@ class FinetuneParams:
     val_every: int | None = None
     annotators: str = "0"
     freeze_backbone: bool = False
+    decoder_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        if not self.freeze_backbone:  # records written before the option stay equal
-            del d["freeze_backbone"]
+        for name in ("freeze_backbone", "decoder_dropout"):
+            if not d[name]:  # records written before the option stay equal
+                del d[name]
         d["head"], d["loss"] = self.head.to_dict(), self.loss.to_dict()
         return d
 
@@ -121,6 +132,7 @@ def run_config(params: FinetuneParams, preset: Any) -> RunConfig:
         val_every=own(params.val_every, preset.val_every),
         annotators=params.annotators,
         freeze_backbone=params.freeze_backbone,
+        decoder_dropout=params.decoder_dropout,
     )
 
 
@@ -259,6 +271,7 @@ def _finetune(
         label=f"{params.organ} {tag} seed{params.seed}",
         annotator_segs=annotator_segs,
         freeze_backbone=params.freeze_backbone,
+        decoder_dropout=params.decoder_dropout,
     )
     if final.exists():
         trainer.load_checkpoint(str(final))
@@ -285,6 +298,7 @@ def _finetune(
         "inference_mixing": params.head.mixing,
         "annotators": params.annotators,
         "freeze_backbone": params.freeze_backbone,
+        "decoder_dropout": params.decoder_dropout,
         "epochs": int(trainer.current_epoch),
         "preset": model.preset,
         "tag": tag,

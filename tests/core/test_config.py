@@ -130,3 +130,13 @@ def test_freeze_backbone_is_part_of_the_run_identity() -> None:
         HeadConfig("mob"), LossConfig(samples=8), annotators="all", lr=1e-3, freeze_backbone=True
     )
     assert both.tag().startswith("mob-b3-r16-k8-annall-frozen-x")
+
+
+def test_decoder_dropout_is_part_of_the_run_identity() -> None:
+    head = HeadConfig("deterministic")
+    assert RunConfig(head, decoder_dropout=0.1).tag() == "deterministic-mcd0.1"
+    assert RunConfig(head, decoder_dropout=0.25, freeze_backbone=True).tag() == (
+        "deterministic-frozen-mcd0.25"
+    )
+    with pytest.raises(ConfigurationError, match="dropout-rate"):
+        RunConfig(head, decoder_dropout=1.0)
