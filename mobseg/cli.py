@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mobseg import progress
-from mobseg.errors import MobsegError
+from mobseg.errors import ConfigurationError, MobsegError
 from mobseg.workspace import WORKDIR_ENV, Workspace
 
 app = typer.Typer(
@@ -314,6 +314,20 @@ def finetune(
     ] = "0",
     lr: Annotated[float, typer.Option(help="AdamW learning rate.")] = 1e-4,
     lambda_kl: Annotated[float, typer.Option(help="Weight of the KL term.")] = 5e-4,
+    freeze_backbone: Annotated[
+        bool,
+        typer.Option(help="Train the head only; the pretrained backbone stays fixed (SegWithU)."),
+    ] = False,
+    mc_dropout: Annotated[
+        bool,
+        typer.Option(
+            help="MC-dropout variant: channel dropout (--dropout-rate) after every decoder "
+            "convolution during fine-tuning (use with --method deterministic)."
+        ),
+    ] = False,
+    dropout_rate: Annotated[
+        float, typer.Option(help="Decoder dropout rate of --mc-dropout.")
+    ] = 0.1,
     preset: Annotated[
         str | None,
         typer.Option("--preset", help="paper, cpu or micro; default: the backbone's preset."),
@@ -343,6 +357,8 @@ def finetune(
             iterations=iterations,
             lr=lr,
             annotators=annotators,
+            freeze_backbone=freeze_backbone,
+            decoder_dropout=dropout_rate if mc_dropout else 0.0,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -357,8 +373,10 @@ def predict(
         typer.Option(
             "--method",
             "-m",
-            help="deterministic, diagonal, lowrank, single-basis, mob, or backbone (the "
-            "pretrained network itself, recorded under the tag 'backbone', seed 0).",
+            help="deterministic, diagonal, lowrank, single-basis, mob, backbone (the "
+            "pretrained network itself, recorded under the tag 'backbone', seed 0), or "
+            "ensemble (a deep ensemble of the finished predictions of --members over seeds, "
+            "tag 'ensemble-<members>', seed 0; no new training).",
         ),
     ] = "mob",
     seed: SeedOpt = 0,
@@ -412,11 +430,43 @@ def predict(
             "checkpoint's recorded mixing."
         ),
     ] = None,
+    split: Annotated[
+        str,
+        typer.Option(
+            help="test or val: the organ's split to predict (val: the calibration set of "
+            "conformal risk control in evaluate)."
+        ),
+    ] = "test",
+    members: Annotated[
+        str, typer.Option(help="Ensemble: the members' run tag (default: the fine-tuned control).")
+    ] = "deterministic",
+    member_seeds: Annotated[
+        str | None,
+        typer.Option(help="Ensemble: comma-separated member seeds; default: every predicted seed."),
+    ] = None,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
     """Predict segmentation, probability, variance, entropy and MI maps (one pass per tile)."""
     from mobseg.stages import predict as stage
+
+    if method == "ensemble":
+        from mobseg.stages import ensemble
+
+        def ens() -> Any:
+            seeds = None
+            if member_seeds is not None:
+                try:
+                    seeds = tuple(int(x) for x in member_seeds.split(",") if x.strip())
+                except ValueError as exc:
+                    raise ConfigurationError(
+                        f"--member-seeds must be comma-separated integers, got {member_seeds!r}."
+                    ) from exc
+            params = ensemble.EnsembleParams(_organ(organ), members, seeds, split)
+            return ensemble.run(workspace(), params, force=force)
+
+        _print_record(guarded(ens))
+        return
 
     def go() -> Any:
         backbone = method == "backbone"
@@ -436,6 +486,7 @@ def predict(
             save_samples=save_samples,
             run=run,
             inference_mixing=inference_mixing,
+            split=split,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -461,6 +512,16 @@ def evaluate(
     margin: Annotated[
         int, typer.Option(help="Margin (voxels) of the ROI columns: box of G or S plus it.")
     ] = 10,
+    boundary_width: Annotated[
+        int, typer.Option(help="Width (voxels) of the boundary band of the case scores.")
+    ] = 2,
+    alpha: Annotated[
+        float,
+        typer.Option(
+            help="Conformal risk control: bound on the expected FNR of {p >= lambda}, "
+            "calibrated on the val predictions (predict --split val)."
+        ),
+    ] = 0.1,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -483,6 +544,8 @@ def evaluate(
             out=out_file,
             margin=margin,
             run=run,
+            boundary_width=boundary_width,
+            alpha=alpha,
         )
         # standalone evaluation touches no workdir (it may be absent or read-only)
         ws = Workspace.from_option(state.workdir) if params.standalone else workspace()
@@ -720,8 +783,6 @@ def study(
         for item in slurm_arg or []:
             k, sep, v = item.partition("=")
             if not sep or not k.strip():
-                from mobseg.errors import ConfigurationError
-
                 raise ConfigurationError(
                     f"--slurm-arg {item!r} is not KEY=VALUE.", "Write e.g. --slurm-arg account=abc."
                 )

@@ -217,6 +217,10 @@ class RunConfig:
         val_every: Validation interval (it selects ``checkpoint_best.pth``);
             None = the preset's.
         annotators: ``0`` or ``all`` (:data:`ANNOTATOR_CHOICES`).
+        freeze_backbone: Only the head learns; the pretrained backbone's
+            weights stay as they are (as SegWithU trains its head).
+        decoder_dropout: Rate of the MC-dropout variant's channel dropout in
+            the decoder (0 = none; ``finetune --mc-dropout``).
     """
 
     head: HeadConfig
@@ -227,9 +231,15 @@ class RunConfig:
     iterations: int | None = None
     val_every: int | None = None
     annotators: str = "0"
+    freeze_backbone: bool = False
+    decoder_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
+        if not 0.0 <= self.decoder_dropout < 1.0:
+            raise ConfigurationError(
+                f"--dropout-rate must lie in [0, 1), got {self.decoder_dropout}."
+            )
 
     def hashed_options(self) -> dict[str, Any]:
         """The non-default options that have no readable part in :meth:`tag`."""
@@ -266,6 +276,10 @@ class RunConfig:
                 parts.append("anti")
         if self.annotators != "0":
             parts.append(f"ann{self.annotators}")
+        if self.freeze_backbone:
+            parts.append("frozen")
+        if self.decoder_dropout > 0:
+            parts.append(f"mcd{self.decoder_dropout:g}")
         hashed = self.hashed_options()
         if hashed:
             text = json.dumps(hashed, sort_keys=True, separators=(",", ":"))
@@ -278,11 +292,13 @@ class RunConfig:
         ``HeadConfig.tag()`` followed by, in this order and only when they
         differ from the defaults: ``-lse`` (``mc_loss`` logsumexp), ``-k<k>``
         (samples per step), ``-anti`` (antithetic pairs), ``-annall``
-        (``--annotators all``), and ``-x<8 hex>``, the first 8 hex digits of
-        the SHA-256 of the JSON (sorted keys, no spaces) of every other
-        non-default option (:meth:`hashed_options`: lambdas, Dice smoothing,
-        eps, lr, weight decay, and epochs, iterations or validation interval
-        other than the preset's). The paper's configurations keep their
+        (``--annotators all``), ``-frozen`` (``--freeze-backbone``),
+        ``-mcd<rate>`` (``--mc-dropout``, decoder dropout), and
+        ``-x<8 hex>``, the first 8 hex digits of the SHA-256 of the JSON
+        (sorted keys, no spaces) of every other non-default option
+        (:meth:`hashed_options`: lambdas, Dice smoothing, eps, lr, weight
+        decay, and epochs, iterations or validation interval other than the
+        preset's). The paper's configurations keep their
         readable tags (``mob-b3-r16``). A deterministic run ignores the
         options it does not use (samples, objective, KL, orthogonality and
         entropy weights), so they do not split it.

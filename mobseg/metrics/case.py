@@ -76,6 +76,14 @@ from mobseg.metrics._common import (
 from mobseg.metrics.calibration import DEFAULT_BINS, CalibrationAccumulator
 from mobseg.metrics.dice import DiceAccumulator
 from mobseg.metrics.expected import ExpectedScoreAccumulator
+from mobseg.metrics.failure import (
+    DEFAULT_BOUNDARY_WIDTH,
+    DEFAULT_FAILURE_QUANTILE,
+    FAILURE_COLUMNS,
+    boundary_band,
+    failure_detection,
+    volume_cv,
+)
 from mobseg.metrics.ged import OverlapAccumulator, diversity_ratio, ged_from_distances
 from mobseg.metrics.phantom import BAND_HIGH, BAND_LOW, ProbabilityErrorAccumulator
 from mobseg.metrics.probabilistic import ProbabilisticAccumulator, binary_entropy
@@ -113,12 +121,19 @@ CASE_COLUMNS: tuple[str, ...] = (
     *(f"{c}{ROI}" for c in REGION_SCORES),
     "n_true",
     "n_pred",
+    "fnr",
     "auroc_var",
     "auprc_var",
     "auroc_entropy",
     "auprc_entropy",
     "mean_var_pred",
     "mean_entropy_pred",
+    "mean_mi_pred",
+    "mean_var_boundary",
+    "mean_entropy_boundary",
+    "mean_mi_boundary",
+    "n_voxels_boundary",
+    "volume_cv",
     "ged2",
     "diversity",
     "reference_diversity",
@@ -139,6 +154,7 @@ POOLED_COLUMNS: tuple[str, ...] = (
     "eaurc_var",
     "aurc_entropy",
     "eaurc_entropy",
+    *FAILURE_COLUMNS,
 )
 
 ALL_COLUMNS: tuple[str, ...] = CASE_COLUMNS + POOLED_COLUMNS
@@ -347,6 +363,7 @@ def evaluate_case(
     case: str = "",
     variance: np.ndarray | None = None,
     entropy: np.ndarray | None = None,
+    mutual_information: np.ndarray | None = None,
     references: Sequence[np.ndarray] = (),
     samples: Sequence[np.ndarray] | None = None,
     true_prob: np.ndarray | None = None,
@@ -354,6 +371,7 @@ def evaluate_case(
     n_bins: int = DEFAULT_BINS,
     shift: int = DEFAULT_SHIFT,
     chunk: int = CHUNK_VOXELS,
+    boundary_width: int = DEFAULT_BOUNDARY_WIDTH,
 ) -> CaseResult:
     """Every metric of one case, whole volume and ROI, in one streamed pass.
 
@@ -363,6 +381,7 @@ def evaluate_case(
         case: Case id for the row.
         variance: Var[p] per voxel (>= 0), same shape, or None.
         entropy: Predictive entropy per voxel (nats), or None to compute it from p.
+        mutual_information: MI per voxel (nats, >= 0), or None.
         references: Reference masks for GED (used when there are >= 2).
         samples: Model samples (masks) for GED; None = the single S.
         true_prob: The true foreground probability p* (phantom), or None.
@@ -370,6 +389,8 @@ def evaluate_case(
         n_bins: Calibration bins.
         shift: Error-detection histogram resolution (see mobseg.metrics.uncertainty).
         chunk: Voxels per chunk.
+        boundary_width: Width in voxels of the boundary band of S for the
+            case scores ``mean_*_boundary`` (:mod:`mobseg.metrics.failure`).
 
     Returns:
         The :class:`CaseResult`.
@@ -381,10 +402,17 @@ def evaluate_case(
     """
     if margin < 0:
         raise ValueError(f"margin must be >= 0, got {margin}.")
+    if boundary_width < 1:
+        raise ValueError(f"boundary_width must be >= 1, got {boundary_width}.")
     prob = np.asarray(prob)
     target = np.asarray(target)
     named = {"prob": prob, "target": target}
-    for name, arr in (("variance", variance), ("entropy", entropy), ("true_prob", true_prob)):
+    for name, arr in (
+        ("variance", variance),
+        ("entropy", entropy),
+        ("mutual_information", mutual_information),
+        ("true_prob", true_prob),
+    ):
         if arr is not None:
             named[name] = np.asarray(arr)
     for i, r in enumerate(references):
@@ -392,7 +420,8 @@ def evaluate_case(
     for i, s in enumerate(samples or ()):
         named[f"sample{i}"] = np.asarray(s)
     check_same_shape(**named)
-    arrays = [named.get(k) for k in ("prob", "target", "variance", "entropy", "true_prob")]
+    keys = ("prob", "target", "variance", "entropy", "true_prob", "mutual_information")
+    arrays = [named.get(k) for k in keys]
     if prob.ndim == 0:
         arrays = [None if a is None else a.reshape(1) for a in arrays]
 
@@ -403,17 +432,21 @@ def evaluate_case(
     err_ent = ErrorDetectionAccumulator(shift)
     truth = TruthScores() if true_prob is not None else None
     band = TruthScores() if true_prob is not None else None
-    sums = {"var_pred": 0.0, "ent_pred": 0.0, "var_all": 0.0, "ent_all": 0.0}
+    sums = dict.fromkeys(("var", "ent", "mi"), 0.0)
+    sums.update({f"{k}_all": 0.0 for k in ("var", "ent", "mi")})
 
     shape = arrays[0].shape  # type: ignore[union-attr]
     lo = [math.inf] * len(shape)
     hi = [-math.inf] * len(shape)
+    lo_s = [math.inf] * len(shape)  # the box of S alone (boundary band)
+    hi_s = [-math.inf] * len(shape)
     for start, stop in _slab_bounds(shape, chunk):
-        p, t, v, h, q = (None if a is None else a[start:stop].reshape(-1) for a in arrays)
+        p, t, v, h, q, mi = (None if a is None else a[start:stop].reshape(-1) for a in arrays)
         check_probability(p, "probability")
         t = as_bool_mask(t, "ground-truth mask")
         s = p > 0.5
         _widen_box(lo, hi, (s | t).reshape((stop - start, *shape[1:])), start)
+        _widen_box(lo_s, hi_s, s.reshape((stop - start, *shape[1:])), start)
         dice.intersection += int(np.count_nonzero(s & t))
         dice.n_pred += int(np.count_nonzero(s))
         dice.n_true += int(np.count_nonzero(t))
@@ -422,14 +455,18 @@ def evaluate_case(
         if v is not None and err_var is not None:
             check_finite_nonnegative(v, "variance")
             err_var._add_codes(score_codes(v, shift), err)
-            sums["var_pred"] += float(np.sum(v, where=s, dtype=np.float64))
+            sums["var"] += float(np.sum(v, where=s, dtype=np.float64))
             sums["var_all"] += float(np.sum(v, dtype=np.float64))
+        if mi is not None:
+            check_finite_nonnegative(mi, "mutual information")
+            sums["mi"] += float(np.sum(mi, where=s, dtype=np.float64))
+            sums["mi_all"] += float(np.sum(mi, dtype=np.float64))
         if h is None:
             h = binary_entropy(p)
         else:
             check_finite_nonnegative(h, "entropy")
         err_ent._add_codes(score_codes(h, shift), err)
-        sums["ent_pred"] += float(np.sum(h, where=s, dtype=np.float64))
+        sums["ent"] += float(np.sum(h, where=s, dtype=np.float64))
         sums["ent_all"] += float(np.sum(h, dtype=np.float64))
         if truth is not None and band is not None and q is not None:
             check_probability(q, "true probability p*")
@@ -449,6 +486,8 @@ def evaluate_case(
     def mean_over_pred(pred_sum: float, all_sum: float) -> float:
         return nan_if_zero(pred_sum, n_pred) if n_pred else nan_if_zero(all_sum, n_vox)
 
+    boundary = _boundary_means(arrays, lo_s, hi_s, shape, boundary_width, sums, n_vox)
+
     row: dict[str, Any] = {c: NAN for c in CASE_COLUMNS}
     row.update(
         case=case,
@@ -457,18 +496,24 @@ def evaluate_case(
         **in_roi.columns(ROI),
         n_true=dice.n_true,
         n_pred=n_pred,
+        fnr=1.0 - nan_if_zero(dice.intersection, dice.n_true),
         auroc_entropy=err_ent.auroc(),
         auprc_entropy=err_ent.auprc(),
-        mean_entropy_pred=mean_over_pred(sums["ent_pred"], sums["ent_all"]),
+        mean_entropy_pred=mean_over_pred(sums["ent"], sums["ent_all"]),
         n_samples=0,
         n_references=len(references),
+        **boundary,
     )
     if err_var is not None:
         row.update(
             auroc_var=err_var.auroc(),
             auprc_var=err_var.auprc(),
-            mean_var_pred=mean_over_pred(sums["var_pred"], sums["var_all"]),
+            mean_var_pred=mean_over_pred(sums["var"], sums["var_all"]),
         )
+    if mutual_information is not None:
+        row["mean_mi_pred"] = mean_over_pred(sums["mi"], sums["mi_all"])
+    if samples is not None and len(samples) >= 2:
+        row["volume_cv"] = volume_cv([int(np.count_nonzero(np.asarray(m) > 0)) for m in samples])
     if truth is not None and band is not None:
         row.update(truth.columns(), **band.columns(BAND))
         row[f"n_voxels{BAND}"] = band.error.n
@@ -486,6 +531,46 @@ def evaluate_case(
     return CaseResult(row, whole, in_roi, err_var, err_ent, truth, band, roi)
 
 
+def _boundary_means(
+    arrays: list[np.ndarray | None],
+    lo_s: list[float],
+    hi_s: list[float],
+    shape: tuple[int, ...],
+    width: int,
+    sums: dict[str, float],
+    n_vox: int,
+) -> dict[str, Any]:
+    """``mean_*_boundary`` and ``n_voxels_boundary`` of the band of S (see the module doc).
+
+    Only S's box, dilated by ``width + 1`` voxels, is read again: the band lies
+    inside it, and its outer layers hold no S voxel, so the band computed in
+    the box equals the band computed in the whole volume. With S empty the
+    means are those of the whole volume (``sums``), like ``mean_*_pred``.
+    """
+    prob, _t, var, ent, _q, mi = arrays
+    out: dict[str, Any] = {"n_voxels_boundary": 0}
+    box = _box_slices(lo_s, hi_s, shape, width + 1)
+    maps = {"var": var, "entropy": ent, "mi": mi}
+    if box is None:
+        for name, key in (("var", "var"), ("entropy", "ent"), ("mi", "mi")):
+            if maps[name] is not None or name == "entropy":
+                out[f"mean_{name}_boundary"] = nan_if_zero(sums[f"{key}_all"], n_vox)
+        return out
+    p = np.asarray(prob[box])  # type: ignore[index]
+    band = boundary_band(p > 0.5, width)
+    n = int(np.count_nonzero(band))
+    out["n_voxels_boundary"] = n
+    for name, arr in maps.items():
+        if arr is None and name == "entropy":
+            values = binary_entropy(p[band])
+        elif arr is None:
+            continue
+        else:
+            values = np.asarray(arr[box])[band]
+        out[f"mean_{name}_boundary"] = nan_if_zero(float(np.sum(values, dtype=np.float64)), n)
+    return out
+
+
 @dataclass
 class TestSetAccumulator:
     """Pools the cases of one test set (one run) into the ``ALL`` row.
@@ -493,6 +578,8 @@ class TestSetAccumulator:
     Args:
         n_bins: Calibration bins.
         shift: Error-detection histogram resolution.
+        failure_quantile: Dice quantile below which a case has failed (the
+            ``fail_*`` columns, :func:`mobseg.metrics.failure.failure_detection`).
 
     Attributes:
         rows: The case rows, in the order added.
@@ -504,6 +591,7 @@ class TestSetAccumulator:
 
     n_bins: int = DEFAULT_BINS
     shift: int = DEFAULT_SHIFT
+    failure_quantile: float = DEFAULT_FAILURE_QUANTILE
     rows: list[dict[str, Any]] = field(default_factory=list)
     whole: RegionScores = field(init=False)
     roi_scores: RegionScores = field(init=False)
@@ -579,6 +667,12 @@ class TestSetAccumulator:
             n_nan_dice=int(dice.size - valid.size),
         )
         row["diversity_ratio"] = diversity_ratio(row["diversity"], row["reference_diversity"])
+        for name in ("fnr", "mean_mi_pred", "volume_cv"):
+            row[name] = nanmean(name)
+        for name in ("var", "entropy", "mi"):
+            row[f"mean_{name}_boundary"] = nanmean(f"mean_{name}_boundary")
+        row["n_voxels_boundary"] = int(sum(int(r["n_voxels_boundary"]) for r in self.rows))
+        row.update(failure_detection(self.rows, self.failure_quantile))
         if self.rows:
             conf_ent = -self._column("mean_entropy_pred")
             row.update(aurc_entropy=aurc(risk, conf_ent), eaurc_entropy=excess_aurc(risk, conf_ent))

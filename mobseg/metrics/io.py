@@ -3,7 +3,8 @@
 File contract (SPEC section 7). In a prediction folder, per case:
 ``<case>_prob.nii.gz`` (float foreground probability, required),
 ``<case>_var.nii.gz`` (Var[p], optional), ``<case>_entropy.nii.gz``
-(predictive entropy in nats, optional; computed from p when absent) and,
+(predictive entropy in nats, optional; computed from p when absent),
+``<case>_mi.nii.gz`` (mutual information in nats, optional) and,
 optionally, model samples ``<case>_sample<k>.nii.gz`` (0/1 masks, used for
 GED). References: ``<case>.nii.gz`` (0/1 mask) and, for GED in standalone
 mode, further raters' masks ``<case>_ref<k>.nii.gz`` in the same folder and,
@@ -38,10 +39,12 @@ from mobseg.errors import InvalidInputError
 from mobseg.fsutil import atomic_write_bytes
 from mobseg.metrics._common import PROB_TOL
 from mobseg.metrics.case import ALL_COLUMNS, CaseResult, TestSetAccumulator, evaluate_case
+from mobseg.metrics.failure import DEFAULT_BOUNDARY_WIDTH, DEFAULT_FAILURE_QUANTILE
 
 PROB_SUFFIX = "_prob.nii.gz"
 VAR_SUFFIX = "_var.nii.gz"
 ENTROPY_SUFFIX = "_entropy.nii.gz"
+MI_SUFFIX = "_mi.nii.gz"
 NIFTI = ".nii.gz"
 PTRUE_SUFFIX = "_p_true.nii.gz"
 _SAMPLE_RE = r"_sample(\d+)\.nii\.gz$"
@@ -138,6 +141,7 @@ class CaseFiles:
         gt: The reference mask ``<case>.nii.gz``.
         var: ``<case>_var.nii.gz`` or None.
         entropy: ``<case>_entropy.nii.gz`` or None.
+        mi: ``<case>_mi.nii.gz`` or None.
         samples: Model samples (masks) for GED.
         references: Reference masks for GED (used when >= 2).
         true_prob: The phantom's p* or None.
@@ -148,6 +152,7 @@ class CaseFiles:
     gt: Path
     var: Path | None = None
     entropy: Path | None = None
+    mi: Path | None = None
     samples: list[Path] = field(default_factory=list)
     references: list[Path] = field(default_factory=list)
     true_prob: Path | None = None
@@ -184,12 +189,14 @@ def prediction_files(pred_dir: Path, case: str, gt: Path) -> CaseFiles:
         )
     var = pred_dir / f"{case}{VAR_SUFFIX}"
     ent = pred_dir / f"{case}{ENTROPY_SUFFIX}"
+    mi = pred_dir / f"{case}{MI_SUFFIX}"
     return CaseFiles(
         case=case,
         prob=prob,
         gt=gt,
         var=var if var.is_file() else None,
         entropy=ent if ent.is_file() else None,
+        mi=mi if mi.is_file() else None,
         samples=_numbered(pred_dir, case, _SAMPLE_RE),
     )
 
@@ -255,6 +262,7 @@ def evaluate_files(
     files: CaseFiles,
     margin: int = 10,
     chunk: int | None = None,
+    boundary_width: int = DEFAULT_BOUNDARY_WIDTH,
 ) -> CaseResult:
     """Read, check and evaluate one case (see :func:`mobseg.metrics.case.evaluate_case`).
 
@@ -262,6 +270,7 @@ def evaluate_files(
         files: The case's files.
         margin: ROI margin in voxels.
         chunk: Voxels per chunk (None = the default).
+        boundary_width: Width in voxels of S's boundary band (case scores).
 
     Raises:
         InvalidInputError: a file is missing or unreadable, its geometry differs
@@ -285,6 +294,7 @@ def evaluate_files(
     prob = cast(Volume, read(files.prob, "prob", "probability"))
     var = read(files.var, "score", "variance")
     ent = read(files.entropy, "score", "entropy")
+    mi = read(files.mi, "score", "mutual information")
     pstar = read(files.true_prob, "prob", "true probability p*")
     refs = [read(p, "mask", "reference mask") for p in files.references]
     samples = [read(p, "mask", "sample mask") for p in files.samples]
@@ -296,20 +306,48 @@ def evaluate_files(
             case=case,
             variance=None if var is None else var.array,
             entropy=None if ent is None else ent.array,
+            mutual_information=None if mi is None else mi.array,
             references=[r.array for r in refs if r is not None],
             samples=[s.array for s in samples if s is not None] or None,
             true_prob=None if pstar is None else pstar.array,
             margin=margin,
+            boundary_width=boundary_width,
             **kwargs,
         )
     except ValueError as exc:  # every array was checked above; keep the case in the message
         raise InvalidInputError(str(exc), case=case, path=str(files.prob)) from exc
 
 
+def threshold_histogram(files: CaseFiles, size: int | None = None) -> Any:
+    """Read a case's probability and mask into a conformal threshold histogram.
+
+    Args:
+        files: The case (only ``prob`` and ``gt`` are read).
+        size: K of the threshold grid (None = the default).
+
+    Returns:
+        A :class:`mobseg.metrics.conformal.ThresholdHistogram`.
+
+    Raises:
+        InvalidInputError: as :func:`evaluate_files`.
+    """
+    from mobseg.metrics.conformal import DEFAULT_GRID, ThresholdHistogram
+
+    case = files.case
+    gt = _read_image(files.gt, case)
+    _check_mask_file(gt, case, "ground-truth mask")
+    prob = _read_image(files.prob, case)
+    _check_geometry(prob, gt, case, "probability")
+    _check_probability_file(prob, case, "probability")
+    return ThresholdHistogram(size or DEFAULT_GRID).add(prob.array, gt.array > 0)
+
+
 def evaluate_many(
     cases: Sequence[CaseFiles],
     margin: int = 10,
     on_case: Callable[[str], None] | None = None,
+    boundary_width: int = DEFAULT_BOUNDARY_WIDTH,
+    failure_quantile: float = DEFAULT_FAILURE_QUANTILE,
 ) -> TestSetAccumulator:
     """Evaluate cases one at a time and pool them.
 
@@ -317,13 +355,15 @@ def evaluate_many(
         cases: The cases' files.
         margin: ROI margin in voxels.
         on_case: Called with each case id after it is done (progress).
+        boundary_width: Width in voxels of S's boundary band (case scores).
+        failure_quantile: Dice quantile below which a case has failed.
 
     Returns:
         The :class:`TestSetAccumulator` (rows and pooled sums).
     """
-    acc = TestSetAccumulator()
+    acc = TestSetAccumulator(failure_quantile=failure_quantile)
     for files in cases:
-        acc.add(evaluate_files(files, margin))
+        acc.add(evaluate_files(files, margin, boundary_width=boundary_width))
         if on_case is not None:
             on_case(files.case)
     return acc

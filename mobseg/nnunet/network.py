@@ -17,6 +17,14 @@ full-resolution output). The head turns (h, mu) into a logit distribution.
 - ``net.decoder`` is the backbone's decoder, so nnU-Net's deep-supervision
   switch (``decoder.deep_supervision``) works on the wrapper.
 
+MC-dropout variant (:func:`add_decoder_dropout`, ``build_network(...,
+decoder_dropout=p)``): channel dropout (``dropout3d``/``dropout2d``, nnU-Net's
+``dropout_op`` position: after each convolution, before its normalisation) in
+every convolution of the decoder's stages, the encoder untouched. It is a
+forward hook, so the state dict keys are those of the plain network and the
+pretrained checkpoint loads strictly; it is active while the convolution is
+in training mode.
+
 The backbone's parameters live under ``backbone.``, the head's under ``head.``;
 the pretrained checkpoint is loaded strictly into ``backbone`` by
 :func:`load_backbone`, and only the head keeps its fresh initialisation.
@@ -183,6 +191,47 @@ def build_backbone(
     return fast_cpu_convolutions(net)
 
 
+class ChannelDropout:
+    """Forward hook of a convolution: channel dropout of its output with rate ``p``.
+
+    Whole channels of each sample are zeroed with probability p and the rest
+    scaled by 1/(1 - p) (``torch.nn.functional.dropout3d``, ``dropout2d`` for
+    2-D convolutions), only while the convolution is in training mode.
+    A class (not a closure) so that networks holding it pickle and deep-copy.
+    """
+
+    def __init__(self, p: float) -> None:
+        if not 0.0 <= p < 1.0:
+            raise ConfigurationError(f"The dropout rate must lie in [0, 1), got {p}.")
+        self.p = float(p)
+
+    def __call__(self, module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor:
+        import torch.nn.functional as F
+
+        fn = F.dropout3d if output.dim() == 5 else F.dropout2d
+        return fn(output, self.p, training=module.training)
+
+
+def add_decoder_dropout(backbone: nn.Module, p: float) -> list[nn.Module]:
+    """Channel dropout after every convolution of ``backbone.decoder.stages``.
+
+    Args:
+        backbone: nnU-Net's network (``decoder.stages`` of conv blocks).
+        p: Dropout rate in [0, 1); 0 adds nothing.
+
+    Returns:
+        The convolutions that got the dropout hook.
+    """
+    hook = ChannelDropout(p)
+    if p == 0.0:
+        return []
+    convs = [m for m in backbone.decoder.stages.modules() if isinstance(m, nn.modules.conv._ConvNd)]
+    for conv in convs:
+        conv.register_forward_hook(hook)
+        conv.mobseg_dropout = hook.p  # type: ignore[assignment]
+    return convs
+
+
 def build_network(
     plans_manager: Any,
     configuration_manager: Any,
@@ -190,12 +239,17 @@ def build_network(
     num_output_channels: int,
     head_cfg: HeadConfig,
     deep_supervision: bool,
+    decoder_dropout: float = 0.0,
 ) -> StochasticUNet:
     """nnU-Net's network wrapped with the head of ``head_cfg``.
 
+    Args:
+        decoder_dropout: Rate of the MC-dropout variant's channel dropout in
+            the decoder (:func:`add_decoder_dropout`); 0 = the plain network.
+
     Raises:
         ConfigurationError: ``head_cfg.num_classes`` differs from the dataset's
-            number of classes.
+            number of classes, or the rate is outside [0, 1).
     """
     from mobseg.core.registry import build_head
 
@@ -211,6 +265,7 @@ def build_network(
         num_output_channels,
         deep_supervision,
     )
+    add_decoder_dropout(backbone, decoder_dropout)
     head = build_head(head_cfg, feature_channels(backbone))
     return StochasticUNet(backbone, head)
 

@@ -337,14 +337,22 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
         tile_step_size: float = 0.5,
         label: str = "finetune",
         annotator_segs: dict[str, list[Path | None]] | None = None,
+        freeze_backbone: bool = False,
+        decoder_dropout: float = 0.0,
     ) -> None:
         """Set the method and protocol (call once, before ``initialize``).
 
+        ``freeze_backbone``: only the head's parameters are optimised; the
+        backbone's get ``requires_grad = False`` and it runs in eval mode.
+        ``decoder_dropout``: channel dropout rate in the decoder (MC-dropout
+        variant; :func:`mobseg.nnunet.network.add_decoder_dropout`).
         ``annotator_segs`` (case -> ``[None, path_1, ...]`` from
         :func:`mobseg.nnunet.annotators.preprocess_annotators`) trains on a
         random annotator per case per iteration; None = the nnU-Net label.
         """
         self.head_cfg = head
+        self.freeze_backbone = freeze_backbone
+        self.decoder_dropout = decoder_dropout
         self.annotator_segs = annotator_segs
         self.loss_cfg = loss
         self.seed = seed
@@ -396,6 +404,7 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
             num_output_channels,
             self.head_cfg,
             enable_deep_supervision,
+            decoder_dropout=getattr(self, "decoder_dropout", 0.0),
         )
 
     def _set_batch_size_and_oversample(self) -> None:
@@ -405,9 +414,14 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
             self.batch_size = self.ft_batch_size
 
     def configure_optimizers(self) -> tuple[torch.optim.Optimizer, ConstantLR]:
-        opt = torch.optim.AdamW(
-            self.network.parameters(), lr=self.initial_lr, weight_decay=self.weight_decay
-        )
+        params = self.network.parameters()
+        if getattr(self, "freeze_backbone", False):
+            net = getattr(self.network, "module", self.network)  # not yet wrapped in DDP here
+            net = getattr(net, "_orig_mod", net)
+            for p in net.backbone.parameters():
+                p.requires_grad_(False)
+            params = net.head.parameters()
+        opt = torch.optim.AdamW(params, lr=self.initial_lr, weight_decay=self.weight_decay)
         return opt, ConstantLR(opt)
 
     def initialize(self) -> None:
@@ -516,6 +530,8 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
         targets = target if isinstance(target, list) else [target]
         targets = [t.to(self.device, non_blocking=True) for t in targets]
         self.optimizer.zero_grad(set_to_none=True)
+        if self.freeze_backbone:
+            self._net().backbone.eval()  # no statistics of a normalisation layer move
         cuda = self.device.type == "cuda"
         ctx = torch.autocast("cuda", enabled=True) if cuda else _nullcontext()
         with ctx:
@@ -584,6 +600,8 @@ class FinetuneTrainer(_QuietLogMixin, nnUNetTrainer):
                 "best_val_dice": self.best_val_dice,
                 "best_epoch": self.best_epoch,
                 "inference_mixing": self.head_cfg.mixing,
+                "freeze_backbone": self.freeze_backbone,
+                "decoder_dropout": self.decoder_dropout,
                 "rng": rng_state(),
             },
         }

@@ -40,6 +40,9 @@ from mobseg.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+#: Methods that are not heads but baselines built from runs (rows after the heads).
+BASELINE_METHODS: tuple[str, ...] = ("ensemble",)
+
 BACKBONE_LABEL = "Deterministic (nnU-Net backbone)"
 FINETUNED_DETERMINISTIC_LABEL = "Deterministic (fine-tuned control)"
 
@@ -197,6 +200,9 @@ def row_keys(
         for tag in others:
             extra = f"M={tags[tag]}, {tag}" if method == "mob" and tags[tag] else tag
             rows.append(RowKey(tag, method, f"{label} ({extra})", None))
+    for tag in sorted(by_method.get("ensemble", {})):
+        member = tag.removeprefix("ensemble-")
+        rows.append(RowKey(tag, "ensemble", f"Deep ensemble ({member})", None))
     return rows
 
 
@@ -215,7 +221,7 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
         log.warning("Ignoring evaluate record with an unexpected key %r.", rec.key)
         return None
     method = rec.params.get("method") or ("deterministic" if tag == BACKBONE_TAG else None)
-    if method not in METHOD_NAMES:
+    if method not in METHOD_NAMES and method not in BASELINE_METHODS:
         log.warning("Ignoring %s: unknown method %r.", rec.key, method)
         return None
     bases = rec.params.get("bases") if method == "mob" else None

@@ -44,6 +44,7 @@ METHOD_COLORS = {
     "lowrank": "#ff7f0e",
     "single-basis": "#2ca02c",
     "mob": "#d62728",
+    "ensemble": "#8c564b",
 }
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -380,6 +381,73 @@ def risk_coverage_figure(results: StudyResults, path: Path) -> Path | None:
         fig,
         "Risk-coverage: mean risk of the cases kept when the least confident are set aside "
         "(averaged over seeds; AURC in %, lower is better)",
+        width,
+    )
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+#: Case scores of the failure figure: (metrics column, label).
+CASE_SCORE_PANELS: tuple[tuple[str, str], ...] = (
+    ("mean_entropy_pred", "mean entropy H over the predicted organ"),
+    ("mean_entropy_boundary", "mean entropy H over its boundary band"),
+)
+
+
+def case_score_figure(results: StudyResults, path: Path) -> Path | None:
+    """Case score against Dice, per organ (columns) and score (rows); one point per case x seed.
+
+    The figure of the failure-detection analysis (Table 5c): a score that flags
+    failed cases puts the low-Dice cases on the right.
+    """
+    organs = results.result_organs()
+    rows = results.rows()
+    data: dict[tuple[str, str], list[tuple[RowKey, np.ndarray, np.ndarray, float]]] = {}
+    for o in organs:
+        for score, _ in CASE_SCORE_PANELS:
+            for key in rows:
+                group = results.group(o, key.tag)
+                xs = [float(row.get(score, np.nan)) for r in group for row in r.rows]
+                ys = [float(row.get("dice", np.nan)) for r in group for row in r.rows]
+                x, y = np.array(xs), np.array(ys)
+                ok = np.isfinite(x) & np.isfinite(y)
+                if not ok.any():
+                    continue
+                label = "fail_auroc_" + score[len("mean_") :]
+                auc, _, _ = mean_std([r.value(label) for r in group])
+                data.setdefault((o, score), []).append((key, x[ok], y[ok], auc))
+    organs = [o for o in organs if any((o, s) in data for s, _ in CASE_SCORE_PANELS)]
+    if not organs:
+        return None
+    plt = _plt()
+    styles = _styles(rows)
+    width = max(7.0, 5.4 * len(organs))
+    fig, axes = plt.subplots(len(CASE_SCORE_PANELS), len(organs), figsize=(width, 8.4))
+    axes = np.asarray(axes).reshape(len(CASE_SCORE_PANELS), len(organs))
+    markers = ("o", "s", "^", "D", "v", "P", "X")
+    for j, organ in enumerate(organs):
+        for i, (score, name) in enumerate(CASE_SCORE_PANELS):
+            ax = axes[i, j]
+            for n, (key, x, y, auc) in enumerate(data.get((organ, score), [])):
+                text = "n/a" if not np.isfinite(auc) else f"{auc:.2f}"
+                ax.scatter(
+                    x,
+                    y * 100,
+                    s=18,
+                    alpha=0.75,
+                    marker=markers[n % len(markers)],
+                    color=styles[key.tag]["color"],
+                    label=f"{key.label} (failure AUROC {text})",
+                )
+            ax.set_title(f"{organ_label(organ)}: {name}")
+            ax.set_xlabel("Case score (nats)")
+            ax.set_ylabel("Dice (%)")
+            if ax.collections:
+                ax.legend(loc="lower left", framealpha=0.9)
+    _suptitle(
+        fig,
+        "Case-level uncertainty against Dice: one point per test case and seed; a score "
+        "that flags failures puts the low-Dice cases on the right",
         width,
     )
     fig.tight_layout()

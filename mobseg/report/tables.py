@@ -364,9 +364,9 @@ UNCERTAINTY_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
 
 def uncertainty_table(results: StudyResults) -> Table:
     """Table 5: quality of the uncertainty, ours only (rows: organ x method)."""
-    name = "table5_uncertainty"
-    table = Table(
-        name,
+    return organ_method_table(
+        results,
+        "table5_uncertainty",
         "Table 5: Quality of the uncertainty",
         "Voxel error detection (errors = prediction differs from the ground truth; score "
         "Var[p] or predictive entropy H), case-level area under the risk-coverage curve "
@@ -376,7 +376,87 @@ def uncertainty_table(results: StudyResults) -> Table:
         "and annotator diversity, 1 - IoU; a good model's matches the annotators', so no "
         "best is marked; '-' without saved samples), and the mean absolute error of p "
         "against the phantom's true probability p*. Not in the paper.",
-        ["Organ", "Method"] + [c[1] for c in UNCERTAINTY_COLUMNS] + ["Seeds"],
+        UNCERTAINTY_COLUMNS,
+    )
+
+
+#: Columns of Table 5c: (summary key, header, decimals, higher is better).
+FAILURE_TABLE_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
+    ("fail_auroc_var_pred", "AUROC Var (organ)", 3, True),
+    ("fail_auroc_entropy_pred", "AUROC H (organ)", 3, True),
+    ("fail_auroc_mi_pred", "AUROC MI (organ)", 3, True),
+    ("fail_auroc_var_boundary", "AUROC Var (band)", 3, True),
+    ("fail_auroc_entropy_boundary", "AUROC H (band)", 3, True),
+    ("fail_auroc_volume_cv", "AUROC vol. CV", 3, True),
+    ("fail_spearman_entropy_pred", "\u03c1 H (organ)", 3, True),
+    ("fail_spearman_entropy_boundary", "\u03c1 H (band)", 3, True),
+    ("n_failed", "Failed cases", 0, None),
+)
+
+#: Columns of Table 5d: (summary key, header, decimals, higher is better).
+CONFORMAL_TABLE_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
+    ("crc_alpha", "\u03b1", 2, None),
+    ("crc_lambda", "\u03bb", 4, None),
+    ("fnr", "FNR at p > 0.5", 3, False),
+    ("crc_fnr", "FNR at \u03bb", 3, None),
+    ("crc_extra_volume", "Extra volume", 3, False),
+    ("crc_n_cal", "Calibration cases", 0, None),
+)
+
+
+def failure_table(results: StudyResults) -> Table:
+    """Table 5c: from voxel to subject, case scores flagging failed cases."""
+    return organ_method_table(
+        results,
+        "table5c_failure",
+        "Table 5c: Failure detection from case-level uncertainty",
+        "A test case has failed when its Dice is below the 10th percentile of the split's "
+        "Dice. AUROC of flagging failed cases with a case score (the mean Var[p], entropy H "
+        "or mutual information over the predicted organ, or over its boundary band of 2 "
+        "voxels; the coefficient of variation of the predicted volume over the saved "
+        "samples) and Spearman's \u03c1 of the score with 1 - Dice; mean \u00b1 std over "
+        "seeds; '-' where undefined (no such map, constant score). Higher is better. Not in "
+        "the paper.",
+        FAILURE_TABLE_COLUMNS,
+    )
+
+
+def conformal_table(results: StudyResults) -> Table:
+    """Table 5d: conformal risk control of the organ's false-negative rate."""
+    return organ_method_table(
+        results,
+        "table5d_conformal",
+        "Table 5d: Conformal risk control of the false-negative rate",
+        "The threshold \u03bb of the organ mask {p \u2265 \u03bb} calibrated on the "
+        "validation split so that the expected share of organ voxels left out (FNR) is at "
+        "most \u03b1 (conformal risk control, Angelopoulos et al. 2022); the FNR of the "
+        "default mask p > 0.5 and the achieved FNR at \u03bb on the test split (mean over "
+        "cases), and the extra predicted volume at \u03bb relative to p > 0.5. Runs "
+        "without validation predictions (`mobseg predict --split val`) show '-'. Not in "
+        "the paper.",
+        CONFORMAL_TABLE_COLUMNS,
+    )
+
+
+def organ_method_table(
+    results: StudyResults,
+    name: str,
+    title: str,
+    caption: str,
+    columns: Sequence[tuple[str, str, int, bool | None]],
+) -> Table:
+    """Rows: organ x method with results; columns: summary numbers, mean \u00b1 std over seeds.
+
+    Args:
+        results: The study.
+        name, title, caption: The table's.
+        columns: (summary key, header, decimals, higher is better or None = no best).
+    """
+    table = Table(
+        name,
+        title,
+        caption,
+        ["Organ", "Method"] + [c[1] for c in columns] + ["Seeds"],
         label_columns=2,
     )
     for organ in results.result_organs():
@@ -388,7 +468,7 @@ def uncertainty_table(results: StudyResults) -> Table:
             if not group:
                 continue
             row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
-            for metric, header, dec, _ in UNCERTAINTY_COLUMNS:
+            for metric, header, dec, _ in columns:
                 m, s, n = mean_std([r.value(metric) for r in group])
                 cell = Cell(mean=m, std=s, n=n, decimals=dec)
                 row.append(cell)
@@ -409,7 +489,7 @@ def uncertainty_table(results: StudyResults) -> Table:
             row.append(Cell(text=str(len(group))))
             table.rows.append(row)
         block = table.rows[start:]
-        for i, (_, _, dec, higher) in enumerate(UNCERTAINTY_COLUMNS):
+        for i, (_, _, dec, higher) in enumerate(columns):
             fit_decimals([r[2 + i] for r in block], dec)
             if higher is not None:
                 mark_best(block, 2 + i, higher)
@@ -568,6 +648,8 @@ def all_tables(results: StudyResults) -> list[Table]:
         ),
         calibration_table(results),
         uncertainty_table(results),
+        failure_table(results),
+        conformal_table(results),
         truth_table(results),
         runs_table(results),
     ]

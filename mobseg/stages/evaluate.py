@@ -38,10 +38,13 @@ from mobseg import progress
 from mobseg.core.config import HeadConfig
 from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError, MobsegError
 from mobseg.manifest import Manifest, StageRecord
+from mobseg.metrics.conformal import DEFAULT_ALPHA
+from mobseg.metrics.failure import DEFAULT_BOUNDARY_WIDTH, FAILURE_COLUMNS
 from mobseg.stages.keys import (
     evaluate_key,
     predict_command,
     predict_key,
+    predict_split_key,
     prepare_command,
     prepare_key,
 )
@@ -52,7 +55,18 @@ log = logging.getLogger(__name__)
 
 #: Version of the metrics an evaluate record holds; a done record of another
 #: version is evaluated again (2: ROI and p* columns added).
-METRICS_VERSION = 2
+METRICS_VERSION = 3
+
+#: Conformal risk control numbers of a record's ``summary`` (None without a
+#: finished validation prediction).
+CRC_KEYS = (
+    "crc_alpha",
+    "crc_lambda",
+    "crc_fnr",
+    "crc_volume_ratio",
+    "crc_extra_volume",
+    "crc_n_cal",
+)
 
 #: Numbers of the ``ALL`` row copied into a record's ``summary``.
 SUMMARY_KEYS = (
@@ -90,6 +104,10 @@ SUMMARY_KEYS = (
     "pstar_brier_band",
     "pstar_var_corr_band",
     "pstar_var_ratio_band",
+    "fnr",
+    "volume_cv",
+    *FAILURE_COLUMNS,
+    *CRC_KEYS,
     "n_cases",
     "n_nan_dice",
 )
@@ -115,6 +133,10 @@ class EvaluateParams:
         out: CSV file to write (standalone mode).
         margin: Margin in voxels of the region of interest (the bounding box
             of G or S) whose scores are the ``*_roi`` columns.
+        boundary_width: Width in voxels of the boundary band of S for the
+            case-level scores ``mean_*_boundary``.
+        alpha: Level of conformal risk control: the expected FNR of the organ
+            mask {p >= lambda} calibrated on the validation predictions.
     """
 
     organ: str | None = None
@@ -125,6 +147,8 @@ class EvaluateParams:
     out: Path | None = None
     margin: int = 10
     run: str | None = None
+    boundary_width: int = DEFAULT_BOUNDARY_WIDTH
+    alpha: float = DEFAULT_ALPHA
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -230,7 +254,12 @@ def _standalone(params: EvaluateParams) -> list[StageRecord]:
     _check_out_file(out)
     cases = standalone_cases(Path(params.pred), Path(params.gt))
     with progress.progress_bar("evaluate (standalone)", total=len(cases)) as advance:
-        acc = evaluate_many(cases, params.margin, on_case=lambda _c: advance())
+        acc = evaluate_many(
+            cases,
+            params.margin,
+            on_case=lambda _c: advance(),
+            boundary_width=params.boundary_width,
+        )
     pooled = acc.pooled_row()
     write_metrics_csv(out, acc.rows, pooled)
     summary = _summary(pooled)
@@ -293,7 +322,7 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
     )
 
 
-def _test_cases(ws: Workspace, manifest: Manifest, organ: str) -> tuple[Path, list[str]]:
+def _raw_dir(ws: Workspace, manifest: Manifest, organ: str) -> tuple[StageRecord, Path]:
     prep = manifest.require(prepare_key(organ), prepare_command(organ))
     raw = prep.outputs.get("raw_dir")
     if not raw:
@@ -301,7 +330,12 @@ def _test_cases(ws: Workspace, manifest: Manifest, organ: str) -> tuple[Path, li
             f"The record {prepare_key(organ)} has no raw_dir output.",
             hint=f"Rerun `{prepare_command(organ)} --force`.",
         )
-    labels = resolve_path(ws, raw) / "labelsTs"
+    return prep, resolve_path(ws, raw)
+
+
+def _test_cases(ws: Workspace, manifest: Manifest, organ: str) -> tuple[Path, list[str]]:
+    _, raw = _raw_dir(ws, manifest, organ)
+    labels = raw / "labelsTs"
     if not labels.is_dir():
         raise InvalidInputError(
             "The test labels folder does not exist.",
@@ -343,7 +377,14 @@ def evaluate_prediction(
     old = manifest.get(key)
     stale = manifest.stale(old)  # the prediction ran again since
     current = old is not None and old.outputs.get("metrics_version") == METRICS_VERSION
-    if old is not None and old.done and not force and not stale and current:
+    val_rec = manifest.get(predict_split_key(organ, tag, seed, "val"))
+    if val_rec is not None and not val_rec.done:
+        val_rec = None
+    same = old is not None and all(
+        old.params.get(k) == getattr(params, k) for k in ("boundary_width", "alpha")
+    )
+    same = same and old is not None and ("conformal_json" in old.outputs) == (val_rec is not None)
+    if old is not None and old.done and not force and not stale and current and same:
         log.info("%s is done; skipping (use --force to redo).", key)
         return old
 
@@ -359,26 +400,46 @@ def evaluate_prediction(
 
     backbone = tag == BACKBONE_TAG or bool(pred_rec.params.get("backbone"))
     head = {} if backbone else (pred_rec.params.get("head") or {})
+    method = "deterministic" if backbone else head.get("method")
+    if pred_rec.params.get("ensemble"):
+        method = "ensemble"
     run_params = {
         "organ": organ,
         "tag": tag,
         "seed": seed,
-        "method": "deterministic" if backbone else head.get("method"),
+        "method": method,
         "bases": head.get("bases"),
         "backbone": backbone,
         "head": head or None,
         "margin": params.margin,
+        "boundary_width": params.boundary_width,
+        "alpha": params.alpha,
     }
     out_dir = ws.evaluation_dir(organ, tag, seed)
     csv_path = out_dir / "metrics.csv"
     rel_path = out_dir / "reliability.json"
     rel_roi_path = out_dir / "reliability_roi.json"
     truth_path = out_dir / "truth.json"
+    crc_path = out_dir / "conformal.json"
     inputs = {"predict": pred_rec.key, "pred_dir": str(pred_dir), "labels": str(labels)}
-    with manifest.running("evaluate", key, run_params, inputs, [pred_rec]) as outputs:
+    deps = [pred_rec]
+    if val_rec is not None:
+        inputs["predict_val"] = val_rec.key
+        deps.append(val_rec)
+    with manifest.running("evaluate", key, run_params, inputs, deps) as outputs:
         with progress.progress_bar(f"evaluate {organ}/{tag}/seed{seed}", len(files)) as adv:
-            acc = evaluate_many(files, params.margin, on_case=lambda _c: adv())
+            acc = evaluate_many(
+                files,
+                params.margin,
+                on_case=lambda _c: adv(),
+                boundary_width=params.boundary_width,
+            )
         pooled = acc.pooled_row()
+        if val_rec is not None:
+            crc = conformal_risk(ws, manifest, organ, val_rec, files, acc.rows, params.alpha)
+            atomic_write_text(crc_path, json.dumps(crc, indent=1))
+            pooled.update({k: crc[k] for k in CRC_KEYS})
+            outputs["conformal_json"] = _relative(ws, crc_path)
         write_metrics_csv(csv_path, acc.rows, pooled)
         for path, scores in ((rel_path, acc.whole), (rel_roi_path, acc.roi_scores)):
             reliability = scores.calibration.reliability().to_dict()
@@ -407,6 +468,60 @@ def evaluate_prediction(
     return rec
 
 
+def conformal_risk(
+    ws: Workspace,
+    manifest: Manifest,
+    organ: str,
+    val_rec: StageRecord,
+    test_files: list[Any],
+    test_rows: list[dict[str, Any]],
+    alpha: float,
+) -> dict[str, Any]:
+    """Conformal risk control of the FNR: lambda calibrated on the validation predictions.
+
+    Args:
+        ws: The workspace.
+        manifest: The manifest (the organ's prepare record gives the labels).
+        organ: The organ.
+        val_rec: The finished ``predict/<organ>/<tag>/seed<S>/val`` record.
+        test_files: The test cases' files (probability and mask are read).
+        test_rows: The test cases' metric rows (``n_pred`` = |S|).
+        alpha: The level.
+
+    Returns:
+        The ``crc_*`` numbers of :data:`CRC_KEYS`, the per-case test FNR at
+        lambda (``test_fnr``), the calibration cases and the mean calibration
+        FNR at lambda.
+
+    Raises:
+        InvalidInputError: a validation case's prediction or label is missing.
+    """
+    from mobseg.metrics.conformal import calibrate, held_out_risk
+    from mobseg.metrics.io import prediction_files, threshold_histogram
+
+    _, raw = _raw_dir(ws, manifest, organ)
+    labels = raw / "labelsTr"
+    val_dir = resolve_path(ws, val_rec.outputs["pred_dir"])
+    cases = [str(c) for c in val_rec.outputs.get("cases") or []]
+    if not cases:
+        raise InvalidInputError(f"The record {val_rec.key} lists no predicted cases.")
+    cal = [threshold_histogram(prediction_files(val_dir, c, labels / f"{c}.nii.gz")) for c in cases]
+    threshold = calibrate(cal, alpha)
+    test = [threshold_histogram(f) for f in test_files]
+    risk = held_out_risk(test, threshold, [int(r["n_pred"]) for r in test_rows])
+    k = threshold.index
+    return {
+        "crc_alpha": alpha,
+        "crc_lambda": threshold.lam,
+        "crc_feasible": threshold.feasible,
+        "crc_n_cal": threshold.n,
+        **risk,
+        "calibration_cases": cases,
+        "calibration_fnr": float(sum(h.fnr()[k] for h in cal) / len(cal)),
+        "test_fnr": {f.case: float(h.fnr()[k]) for f, h in zip(test_files, test, strict=True)},
+    }
+
+
 def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[StageRecord]:
     """Evaluate.
 
@@ -424,6 +539,10 @@ def run(ws: Workspace, params: EvaluateParams, force: bool = False) -> list[Stag
         raise ConfigurationError(f"--margin must be >= 0, got {params.margin}.")
     if params.seed is not None and params.seed < 0:
         raise ConfigurationError(f"--seed must be >= 0, not {params.seed}.")
+    if params.boundary_width < 1:
+        raise ConfigurationError(f"--boundary-width must be >= 1, got {params.boundary_width}.")
+    if not 0 < params.alpha < 1:
+        raise ConfigurationError(f"--alpha must lie in (0, 1), got {params.alpha}.")
     if params.standalone:
         return _standalone(params)
     manifest = Manifest(ws.manifest_path)

@@ -11,9 +11,21 @@ training" from "covariance model".
 The run's tag is :meth:`mobseg.core.config.RunConfig.tag` of :func:`run_config`:
 the head's readable tag (``mob-b3-r16``) plus a suffix for every option of
 the loss and training that differs from its default (``-lse``, ``-k8``,
-``-anti``, ``-annall``, ``-x<hash>``), so runs that differ in any option that
+``-anti``, ``-annall``, ``-frozen``, ``-x<hash>``), so runs that differ in any option that
 changes the model never share a folder or a key. Epochs, iterations and the
 validation interval count as defaults when they equal the preset's.
+
+``freeze_backbone`` trains the head alone: the backbone's parameters get no
+gradient, are left out of the optimizer (so weight decay does not touch them
+either) and the backbone runs in eval mode; its deep-supervision outputs then
+add a constant to the loss.
+
+``decoder_dropout = p > 0`` is the MC-dropout variant of the backbone:
+channel dropout of rate p after every convolution of the decoder
+(:func:`mobseg.nnunet.network.add_decoder_dropout`), active during the
+training steps and off for validation; fine-tuned with the same protocol
+(the deterministic head gives the MC-dropout baseline). The checkpoint
+records the rate (``mobseg.decoder_dropout``) for the predictor.
 
 ``annotators = "all"`` trains on a random annotator's mask per case per
 iteration (:mod:`mobseg.nnunet.annotators`); the masks are preprocessed with
@@ -68,6 +80,9 @@ class FinetuneParams:
         val_every: Override the preset's validation interval (epochs).
         annotators: ``0`` (the nnU-Net label) or ``all`` (a random annotator
             per case per iteration; sources with several annotators only).
+        freeze_backbone: Train the head only (tag suffix ``-frozen``).
+        decoder_dropout: MC-dropout variant: channel dropout of this rate in
+            the decoder during training (tag suffix ``-mcd<rate>``); 0 = none.
     """
 
     organ: str
@@ -82,12 +97,17 @@ class FinetuneParams:
     weight_decay: float = 1e-4
     val_every: int | None = None
     annotators: str = "0"
+    freeze_backbone: bool = False
+    decoder_dropout: float = 0.0
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
 
     def to_dict(self) -> dict[str, Any]:
         d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        for name in ("freeze_backbone", "decoder_dropout"):
+            if not d[name]:  # records written before the option stay equal
+                del d[name]
         d["head"], d["loss"] = self.head.to_dict(), self.loss.to_dict()
         return d
 
@@ -111,6 +131,8 @@ def run_config(params: FinetuneParams, preset: Any) -> RunConfig:
         iterations=own(params.iterations, preset.finetune_iterations),
         val_every=own(params.val_every, preset.val_every),
         annotators=params.annotators,
+        freeze_backbone=params.freeze_backbone,
+        decoder_dropout=params.decoder_dropout,
     )
 
 
@@ -248,6 +270,8 @@ def _finetune(
         tile_step_size=preset.tile_step_size,
         label=f"{params.organ} {tag} seed{params.seed}",
         annotator_segs=annotator_segs,
+        freeze_backbone=params.freeze_backbone,
+        decoder_dropout=params.decoder_dropout,
     )
     if final.exists():
         trainer.load_checkpoint(str(final))
@@ -273,6 +297,8 @@ def _finetune(
         "best_epoch": int(meta.get("best_epoch", trainer.best_epoch)),
         "inference_mixing": params.head.mixing,
         "annotators": params.annotators,
+        "freeze_backbone": params.freeze_backbone,
+        "decoder_dropout": params.decoder_dropout,
         "epochs": int(trainer.current_epoch),
         "preset": model.preset,
         "tag": tag,

@@ -7,6 +7,8 @@ A key names one stage run: ``prepare/pancreas``, ``pretrain/pancreas``,
 
 from __future__ import annotations
 
+from pathlib import Path
+
 REPORT_KEY = "report"
 
 
@@ -24,6 +26,18 @@ def finetune_key(organ: str, tag: str, seed: int) -> str:
 
 def predict_key(organ: str, tag: str, seed: int) -> str:
     return f"predict/{organ}/{tag}/seed{seed}"
+
+
+def predict_split_key(organ: str, tag: str, seed: int, split: str = "test") -> str:
+    """The predict key of a split: the test split's is :func:`predict_key`, others
+    append ``/<split>`` (``predict/pancreas/mob-b3-r16/seed0/val``)."""
+    key = predict_key(organ, tag, seed)
+    return key if split == "test" else f"{key}/{split}"
+
+
+def split_prediction_dir(test_dir: Path, split: str = "test") -> Path:
+    """The prediction folder of a split: the test split's, or its ``<split>`` subfolder."""
+    return test_dir if split == "test" else test_dir / split
 
 
 def evaluate_key(organ: str, tag: str, seed: int) -> str:

@@ -29,6 +29,11 @@ files all exist are skipped, so an interrupted run resumes.
 Case names: ``<case>_0000.nii.gz`` -> ``<case>``; ``<name>.nii.gz`` ->
 ``<name>``; a TotalSegmentator ``<case>/ct.nii.gz`` -> ``<case>``.
 
+With ``split="val"`` (``--split val``) the organ's validation cases
+(``imagesTr``) are predicted instead of the test split, into
+``<prediction dir>/val`` under the key ``predict/<organ>/<tag>/seed<S>/val``
+(the calibration set of conformal risk control, see ``mobseg evaluate``).
+
 Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
 ``cases``, ``maps`` (``quadrature`` for two classes, ``monte-carlo`` for
 more), ``samples`` (k per voxel for Monte-Carlo maps, else 0), ``tta``,
@@ -47,10 +52,18 @@ from typing import Any
 from mobseg.core.config import MIXING_MODES, HeadConfig
 from mobseg.errors import ConfigurationError, InvalidInputError, UnknownNameError
 from mobseg.manifest import Manifest, StageRecord
-from mobseg.stages.keys import finetune_command, finetune_key, predict_key
+from mobseg.stages.keys import (
+    finetune_command,
+    finetune_key,
+    predict_split_key,
+    split_prediction_dir,
+)
 from mobseg.workspace import Workspace
 
 log = logging.getLogger(__name__)
+
+#: Splits ``--split`` can predict: (images folder, split name).
+SPLIT_IMAGES: dict[str, str] = {"test": "imagesTs", "val": "imagesTr"}
 
 #: Tag (and seed) under which the pretrained backbone's predictions are recorded.
 BACKBONE_TAG = "backbone"
@@ -82,6 +95,9 @@ class PredictParams:
         run: Tag of the fine-tuned run (``RunConfig.tag``); None = ``head.tag()``.
         inference_mixing: ``soft`` or ``hard`` mixing of the bases at
             inference (mob); None = the one the checkpoint recorded.
+        split: ``test`` (default) or ``val``: which split of the organ to
+            predict when ``input`` is None (``val``: key and folder get a
+            ``/val`` suffix).
     """
 
     organ: str
@@ -97,6 +113,7 @@ class PredictParams:
     save: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
     run: str | None = None
     inference_mixing: str | None = None
+    split: str = "test"
 
     @property
     def tag(self) -> str:
@@ -114,6 +131,8 @@ class PredictParams:
         d["input"] = None if self.input is None else str(self.input)
         d["out"] = None if self.out is None else str(self.out)
         d["save"] = list(self.save)
+        if self.split == "test":  # records written before --split existed stay equal
+            del d["split"]
         return d
 
 
@@ -147,24 +166,24 @@ def resolve_inputs(
 
     Raises:
         InvalidInputError: a missing input, an empty folder, two files with
-            the same case id, or a missing test image.
+            the same case id, or a missing test (or validation) image.
     """
     if params.input is None:
         if test_dir is None:
-            raise InvalidInputError("No test split is recorded for this organ.")
+            raise InvalidInputError(f"No {params.split} split is recorded for this organ.")
         found = {}
         for case in test_cases:
             path = test_dir / f"{case}_0000.nii.gz"
             if not path.is_file():
                 raise InvalidInputError(
-                    "A test image is missing.",
+                    f"A {params.split} image is missing.",
                     case=case,
                     path=str(path),
                     hint="Rerun `mobseg prepare --force` for this organ.",
                 )
             found[case] = path
         if not found:
-            raise InvalidInputError("The organ's test split is empty; pass --input.")
+            raise InvalidInputError(f"The organ's {params.split} split is empty; pass --input.")
         return found
     src = Path(params.input)
     if src.is_file():
@@ -226,6 +245,10 @@ def run(
         raise ConfigurationError(f"--save-samples must be >= 0, got {params.save_samples}.")
     if params.inference_mixing not in (None, *MIXING_MODES):
         raise UnknownNameError("mixing mode", str(params.inference_mixing), MIXING_MODES)
+    if params.split not in SPLIT_IMAGES:
+        raise UnknownNameError("split", params.split, tuple(SPLIT_IMAGES))
+    if params.split != "test" and params.input is not None:
+        raise ConfigurationError("--split and --input exclude each other.")
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)
     tag, seed = params.tag, params.run_seed
@@ -240,7 +263,7 @@ def run(
         recorded = source.params.get("head")
         if params.run is not None and recorded and HeadConfig(**recorded) != params.head:
             params = replace(params, head=HeadConfig(**recorded))  # the run's own head
-    key = key or predict_key(params.organ, tag, seed)
+    key = key or predict_split_key(params.organ, tag, seed, params.split)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # a new model: predict every case again
     if old is not None and old.done and not force and old.params == params.to_dict():
@@ -251,10 +274,12 @@ def run(
     test_cases: list[str] = []
     if params.input is None:
         _, data = prepared_dataset(manifest, params.organ)
-        test_dir, test_cases = data.raw_dir / "imagesTs", data.splits["test"]
+        test_dir, test_cases = data.raw_dir / SPLIT_IMAGES[params.split], data.splits[params.split]
     inputs = resolve_inputs(params, test_dir, test_cases)
     out_dir = (
-        Path(params.out) if params.out is not None else ws.prediction_dir(params.organ, tag, seed)
+        Path(params.out)
+        if params.out is not None
+        else split_prediction_dir(ws.prediction_dir(params.organ, tag, seed), params.split)
     )
     device = resolve_device(params.device)
     preset = get_preset(model.preset)

@@ -122,6 +122,9 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     risk = figure(
         "risk_coverage", figs.risk_coverage_figure, results, fig_dir / "risk_coverage.png"
     )
+    case_scores = figure(
+        "case_score_dice", figs.case_score_figure, results, fig_dir / "case_score_dice.png"
+    )
     truth_fig = figure(
         "variance_truth", figs.variance_truth_figure, results, fig_dir / "variance_truth.png"
     )
@@ -165,6 +168,15 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
         "is the mean 1 - Dice of the kept cases, averaged over seeds. A flat, low curve means "
         "the uncertainty flags the bad cases.",
     )
+    blocks += [doc.Heading("From voxel to subject"), tables["table5c_failure"]]
+    blocks += fig_block(
+        case_scores,
+        "Figure 2b: Case score against Dice. Each point is one test case of one seed; x: the "
+        "mean predictive entropy over the predicted organ (top) or over its boundary band "
+        "(bottom); y: Dice. The legend gives the AUROC of flagging the cases below the 10th "
+        "percentile of Dice (mean over seeds).",
+    )
+    blocks += [doc.Heading("Conformal risk control"), tables["table5d_conformal"]]
     blocks += [doc.Heading("Against the truth"), *doc.truth_section(results)]
     blocks.append(tables["table5b_truth"])
     blocks += fig_block(
@@ -204,7 +216,7 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     md_path, html_path = out / "report.md", out / "report.html"
     atomic_write_text(md_path, doc.render_markdown(TITLE, blocks))
     atomic_write_text(html_path, doc.render_html(TITLE, blocks))
-    figures = [p for p in (reliability, bases, risk, truth_fig) if p is not None]
+    figures = [p for p in (reliability, bases, risk, case_scores, truth_fig) if p is not None]
     figures += [c[1] for c in cases]
     return {
         "report_md": str(md_path),

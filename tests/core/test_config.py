@@ -117,3 +117,26 @@ def test_single_basis_partitions_count_where_they_are_used() -> None:
 def test_unknown_annotator_choice() -> None:
     with pytest.raises(UnknownNameError, match="annotator choice"):
         RunConfig(HeadConfig("mob"), annotators="2")
+
+
+def test_freeze_backbone_is_part_of_the_run_identity() -> None:
+
+    for method in ("deterministic", "diagonal", "lowrank", "single-basis", "mob"):
+        head = HeadConfig(method)
+        frozen = RunConfig(head, freeze_backbone=True)
+        assert frozen.tag() == head.tag() + "-frozen"
+        assert RunConfig(head).tag() == head.tag()
+    both = RunConfig(
+        HeadConfig("mob"), LossConfig(samples=8), annotators="all", lr=1e-3, freeze_backbone=True
+    )
+    assert both.tag().startswith("mob-b3-r16-k8-annall-frozen-x")
+
+
+def test_decoder_dropout_is_part_of_the_run_identity() -> None:
+    head = HeadConfig("deterministic")
+    assert RunConfig(head, decoder_dropout=0.1).tag() == "deterministic-mcd0.1"
+    assert RunConfig(head, decoder_dropout=0.25, freeze_backbone=True).tag() == (
+        "deterministic-frozen-mcd0.25"
+    )
+    with pytest.raises(ConfigurationError, match="dropout-rate"):
+        RunConfig(head, decoder_dropout=1.0)

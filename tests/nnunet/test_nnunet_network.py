@@ -178,3 +178,53 @@ def test_built_backbones_use_the_cpu_convolutions() -> None:
 
     convs = [m for m in _net().backbone.modules() if isinstance(m, torch.nn.Conv3d)]
     assert convs and all(type(m) is CPUConv3d for m in convs)
+
+
+def _dropout_pair(p: float) -> tuple[StochasticUNet, StochasticUNet]:
+    pm, cm = managers()
+    head = HeadConfig("deterministic")
+    torch.manual_seed(0)
+    plain = build_network(pm, cm, 1, 2, head, False)
+    drop = build_network(pm, cm, 1, 2, head, False, decoder_dropout=p)
+    drop.load_state_dict(plain.state_dict(), strict=True)  # same keys: loads strictly
+    return plain, drop
+
+
+def test_decoder_dropout_keeps_the_weights_and_acts_in_training_mode_only() -> None:
+    plain, drop = _dropout_pair(0.5)
+    assert list(plain.state_dict()) == list(drop.state_dict())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        plain.eval(), drop.eval()
+        assert torch.equal(plain(x), drop(x))  # eval: the plain network
+        plain.train(), drop.train()
+        a, b = drop(x), drop(x)
+        assert not torch.equal(a, b)  # two passes differ
+        assert torch.equal(plain(x), plain(x))  # instance norm: no randomness without it
+    hooked = [m for m in drop.modules() if getattr(m, "mobseg_dropout", None) is not None]
+    decoder_convs = [
+        m for m in drop.backbone.decoder.stages.modules() if isinstance(m, torch.nn.Conv3d)
+    ]
+    assert hooked and set(map(id, hooked)) == set(map(id, decoder_convs))
+    assert not any(getattr(m, "mobseg_dropout", None) for m in drop.backbone.encoder.modules())
+    copy.deepcopy(drop)  # the hook is a picklable object
+
+
+def test_channel_dropout_is_torchs_dropout3d() -> None:
+    from mobseg.nnunet.network import ChannelDropout
+
+    conv = torch.nn.Conv3d(1, 6, 1).train()
+    y = torch.randn(2, 6, 4, 4, 4)
+    torch.manual_seed(3)
+    got = ChannelDropout(0.3)(conv, (), y)
+    torch.manual_seed(3)
+    want = torch.nn.functional.dropout3d(y, 0.3, training=True)
+    assert torch.equal(got, want)
+    # whole channels are zeroed, the others scaled by 1/(1 - p)
+    flat = got.reshape(2, 6, -1)
+    zero = (flat == 0).all(-1)
+    kept = ~zero
+    assert torch.allclose(flat[kept], y.reshape(2, 6, -1)[kept] / 0.7)
+    assert torch.equal(ChannelDropout(0.3)(conv.eval(), (), y), y)
+    with pytest.raises(ConfigurationError, match="dropout rate"):
+        ChannelDropout(1.0)

@@ -19,7 +19,7 @@ from mobseg.core.config import HeadConfig
 from mobseg.errors import ConfigurationError, InvalidInputError, MissingStageError
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.metrics.io import read_metrics_csv
-from mobseg.stages.evaluate import EvaluateParams, run
+from mobseg.stages.evaluate import METRICS_VERSION, EvaluateParams, run
 from mobseg.workspace import Workspace
 
 runner = CliRunner()
@@ -100,7 +100,7 @@ def test_roi_and_truth_columns_come_from_the_same_run(study: Workspace) -> None:
         "evaluate/pancreas/mob-b3-r16/seed0",
     }
     rec = next(r for r in recs if "/mob-b3-r16/" in r.key)
-    assert rec.outputs["metrics_version"] == 2
+    assert rec.outputs["metrics_version"] == METRICS_VERSION == 3
     rows, pooled = read_metrics_csv(study.root / rec.outputs["metrics_csv"])
     assert pooled is not None and pooled["n_voxels_roi"] < pooled["n_voxels"]
     # case 0 recomputed from the generators: ROI box of G or S plus 2 voxels, and p*
@@ -145,7 +145,7 @@ def test_records_of_an_older_metrics_version_are_evaluated_again(study: Workspac
 
     man.update(first.key, downgrade)
     (again,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
-    assert again.attempts == 2 and again.outputs["metrics_version"] == 2
+    assert again.attempts == 2 and again.outputs["metrics_version"] == METRICS_VERSION
     (skipped,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("diagonal"), seed=0))
     assert skipped.attempts == 2
 
@@ -242,3 +242,78 @@ def test_cli_standalone_success_and_one_line_errors(study: Workspace, tmp_path: 
     assert len(lines) == 1 and "case s0001" in lines[0] and "grid" in lines[0]
     margin = runner.invoke(app, [*args, "--organ", "pancreas", "--margin", "-1"])
     assert margin.exit_code == 1 and "--margin must be >= 0" in margin.output
+
+
+def _add_val_predictions(ws: Workspace, tag: str, seed: int, n: int = 4) -> list[str]:
+    """Validation labels (labelsTr) and the ``predict/.../val`` record of one run."""
+    from mobseg.stages.keys import predict_split_key, split_prediction_dir
+
+    raw = ws.nnunet_raw / "Dataset501_pancreas"
+    pred_dir = split_prediction_dir(ws.prediction_dir("pancreas", tag, seed), "val")
+    cases = [f"v{i:03d}" for i in range(n)]
+    for i, case in enumerate(cases):
+        fakes.write(fakes.gt_mask(i % 3), raw / "labelsTr" / f"{case}.nii.gz")
+        pr = fakes.prediction(i % 3, 0.6 + 0.2 * i, 1.0 - 0.4 * i)
+        for name, arr in pr.items():
+            fakes.write(arr, pred_dir / f"{case}_{name}.nii.gz")
+    man = Manifest(ws.manifest_path)
+    key = predict_split_key("pancreas", tag, seed, "val")
+    with man.running("predict", key, {"organ": "pancreas", "seed": seed, "split": "val"}) as out:
+        out.update(pred_dir=str(pred_dir), cases=cases)
+    return cases
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_conformal_threshold_from_val_predictions_matches_brute_force(study: Workspace) -> None:
+    from mobseg.metrics.conformal import threshold_grid
+
+    cases = _add_val_predictions(study, "mob-b3-r16", 0)
+    alpha = 0.3
+    params = EvaluateParams(organ="pancreas", head=HeadConfig("mob"), seed=0, alpha=alpha)
+    (rec,) = run(study, params)
+    assert rec.inputs["predict_val"] == "predict/pancreas/mob-b3-r16/seed0/val"
+    summary = rec.outputs["summary"]
+    raw = study.nnunet_raw / "Dataset501_pancreas"
+    val_dir = study.prediction_dir("pancreas", "mob-b3-r16", 0) / "val"
+    cal = [
+        (_read(val_dir / f"{c}_prob.nii.gz"), _read(raw / "labelsTr" / f"{c}.nii.gz") > 0)
+        for c in cases
+    ]
+    n = len(cal)
+    lam_bf = None
+    for lam in threshold_grid():  # brute force over the grid
+        risk = np.mean([((p < lam) & g).sum() / g.sum() for p, g in cal])
+        if n / (n + 1) * risk + 1 / (n + 1) <= alpha:
+            lam_bf = lam
+    assert lam_bf is not None and summary["crc_lambda"] == pytest.approx(lam_bf)
+    pred_dir = study.prediction_dir("pancreas", "mob-b3-r16", 0)
+    test = [
+        (_read(pred_dir / f"{c}_prob.nii.gz"), _read(raw / "labelsTs" / f"{c}.nii.gz") > 0)
+        for c in fakes.CASES
+    ]
+    fnr = np.mean([((p < lam_bf) & g).sum() / g.sum() for p, g in test])
+    ratio = sum((p >= lam_bf).sum() for p, _ in test) / sum((p > 0.5).sum() for p, _ in test)
+    assert summary["crc_fnr"] == pytest.approx(fnr)
+    assert summary["crc_volume_ratio"] == pytest.approx(ratio)
+    assert summary["crc_n_cal"] == n and summary["crc_alpha"] == alpha
+    default_fnr = np.mean([((p <= 0.5) & g).sum() / g.sum() for p, g in test])
+    assert summary["fnr"] == pytest.approx(default_fnr)
+    crc = json.loads((study.root / rec.outputs["conformal_json"]).read_text())
+    assert crc["calibration_cases"] == cases and set(crc["test_fnr"]) == set(fakes.CASES)
+    # the val record is not evaluated as a run of its own; another alpha re-evaluates
+    again = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("mob"), seed=0))
+    assert [r.key for r in again] == [rec.key] and again[0].attempts == 2
+    assert again[0].outputs["summary"]["crc_alpha"] == 0.1
+
+
+def test_without_val_predictions_the_conformal_numbers_are_empty(study: Workspace) -> None:
+    (rec,) = run(study, EvaluateParams(organ="pancreas", head=HeadConfig("mob"), seed=0))
+    assert rec.outputs["summary"]["crc_lambda"] is None and "conformal_json" not in rec.outputs
+    # failure detection and case scores are in every summary
+    rows, pooled = read_metrics_csv(study.root / rec.outputs["metrics_csv"])
+    assert pooled is not None and pooled["n_failed"] == 1
+    assert all(r["n_voxels_boundary"] > 0 for r in rows)
+    assert rec.outputs["summary"]["fail_auroc_var_pred"] in (0.0, 0.5, 1.0)

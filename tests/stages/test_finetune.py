@@ -275,3 +275,45 @@ def test_annotators_all_needs_several_annotators(
     )
     with pytest.raises(ConfigurationError, match="needs several annotators per case"):
         finetune.run(micro_ws, params)
+
+
+def test_freeze_backbone_trains_the_head_only(micro_ws: Workspace) -> None:
+    pre = Manifest(micro_ws.manifest_path).require("pretrain/pancreas", "x").outputs
+    backbone = torch.load(pre["checkpoint"], map_location="cpu", weights_only=False)
+    params = _params("diagonal", 5, epochs=1, iterations=2, freeze_backbone=True)
+    rec = finetune.run(micro_ws, params)
+    # epochs and iterations other than the preset's add the hash after -frozen
+    assert rec.key.startswith("finetune/pancreas/diagonal-k3-frozen-x")
+    assert rec.params["freeze_backbone"] is True and rec.outputs["freeze_backbone"] is True
+    ft = torch.load(rec.outputs["checkpoint_final"], map_location="cpu", weights_only=False)
+    weights = ft["network_weights"]
+    for k, v in backbone["network_weights"].items():  # bit-identical backbone
+        assert torch.equal(weights["backbone." + k], v), k
+    # the optimizer holds the head's parameters only, and they received gradients
+    head_keys = [k for k in weights if k.startswith("head.")]
+    group = ft["optimizer_state"]["param_groups"][0]["params"]
+    assert len(group) == len(head_keys) > 0
+    state = ft["optimizer_state"]["state"]
+    assert state and all(float(s["exp_avg"].abs().max()) > 0 for s in state.values())
+    assert ft["mobseg"]["freeze_backbone"] is True
+    # the same run without the option is another run (another tag, another folder)
+    plain = finetune.run_tag(_params("diagonal", 5, epochs=1, iterations=2), "micro")
+    assert "frozen" not in plain and rec.key.split("/")[2] == plain.replace("-x", "-frozen-x")
+
+
+def test_mc_dropout_variant_trains_with_decoder_dropout(micro_ws: Workspace) -> None:
+    from mobseg.nnunet.context import pretrained_model
+    from mobseg.nnunet.network import build_network, load_full
+
+    params = _params("deterministic", 6, epochs=1, iterations=1, decoder_dropout=0.1)
+    rec = finetune.run(micro_ws, params)
+    assert rec.key.startswith("finetune/pancreas/deterministic-mcd0.1-x")
+    assert rec.params["decoder_dropout"] == 0.1 and rec.outputs["decoder_dropout"] == 0.1
+    ckpt = torch.load(rec.outputs["checkpoint_final"], map_location="cpu", weights_only=False)
+    assert ckpt["mobseg"]["decoder_dropout"] == 0.1
+    # the weights fit the plain network and the dropout variant alike
+    pm, cm, _ = pretrained_model(Manifest(micro_ws.manifest_path), "pancreas").load()
+    for rate in (0.0, 0.1):
+        load_full(build_network(pm, cm, 1, 2, HeadConfig("deterministic"), False, rate), ckpt)
+    with pytest.raises(ConfigurationError, match="dropout-rate"):
+        finetune.run(micro_ws, _params("deterministic", 6, decoder_dropout=1.5))

@@ -242,3 +242,30 @@ def test_a_variant_run_by_its_tag_and_the_recorded_mixing(
     assert again.outputs["mixing"] == "hard" and used[-1] == "hard"
     with pytest.raises(Exception, match="mixing mode"):
         predict.run(micro_ws, replace(params, inference_mixing="medium"))
+
+
+def test_split_val_predicts_the_validation_cases_under_their_own_key(micro_ws: Workspace) -> None:
+    from mobseg.nnunet.context import prepared_dataset
+
+    manifest = Manifest(micro_ws.manifest_path)
+    _, data = prepared_dataset(manifest, "pancreas")
+    assert data.splits["val"]  # the micro split has validation cases
+    params = predict.PredictParams("pancreas", backbone=True, device="cpu", split="val")
+    rec = predict.run(micro_ws, params)
+    out = micro_ws.prediction_dir("pancreas", "backbone", 0) / "val"
+    assert rec.key == "predict/pancreas/backbone/seed0/val" and rec.params["split"] == "val"
+    assert rec.outputs["pred_dir"] == str(out) and sorted(rec.outputs["cases"]) == sorted(
+        data.splits["val"]
+    )
+    for case in data.splits["val"]:
+        ref = sitk.ReadImage(str(data.raw_dir / "imagesTr" / f"{case}_0000.nii.gz"))
+        prob = sitk.ReadImage(str(out / f"{case}_prob.nii.gz"))
+        assert prob.GetSize() == ref.GetSize() and prob.GetOrigin() == ref.GetOrigin()
+    # the test split's record keeps its parameters (no split field) and key
+    assert "split" not in predict.PredictParams("pancreas").to_dict()
+    with pytest.raises(ConfigurationError, match="--split and --input"):
+        predict.run(micro_ws, replace(params, input=out))
+    from mobseg.errors import UnknownNameError
+
+    with pytest.raises(UnknownNameError):
+        predict.run(micro_ws, replace(params, split="train"))

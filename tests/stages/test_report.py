@@ -34,13 +34,15 @@ def reported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Workspace, dict]
 def test_writes_tables_figures_and_documents(reported: tuple[Workspace, dict]) -> None:
     ws, out = reported
     root = ws.report_dir
-    for name in ("splits", "dice", "nll", "calibration", "uncertainty", "truth", "runs"):
+    names = ("splits", "dice", "nll", "calibration", "uncertainty", "failure", "conformal")
+    for name in (*names, "truth", "runs"):
         stems = [p for p in (root / "tables").glob(f"table*_{name}.*")]
         assert sorted(p.suffix for p in stems) == [".csv", ".md", ".tex"], name
     assert set(out["figures"]) == {
         "figures/reliability.png",
         "figures/dice_vs_bases.png",
         "figures/risk_coverage.png",
+        "figures/case_score_dice.png",
         "figures/variance_truth.png",
         "figures/case_pancreas.png",
     }
@@ -169,3 +171,29 @@ def test_case_option(reported: tuple[Workspace, dict], tmp_path: Path) -> None:
         run(ws, ReportParams(out=tmp_path / "r2", case="nope"))
     result = runner.invoke(app, ["--workdir", str(ws.root), "report", "--case", "nope"])
     assert result.exit_code == 1 and "nope" in result.output
+
+
+def test_failure_and_conformal_tables_hold_the_evaluated_numbers(
+    reported: tuple[Workspace, dict],
+) -> None:
+    import csv
+
+    import numpy as np
+
+    ws, _ = reported
+    man = Manifest(ws.manifest_path)
+    recs = [r for r in man.find("evaluate", "evaluate/pancreas/mob-b3-r16/")]
+    want = np.mean([r.outputs["summary"]["fail_auroc_entropy_boundary"] for r in recs])
+    with open(ws.report_dir / "tables" / "table5c_failure.csv", newline="") as fh:
+        rows = [
+            r
+            for r in csv.DictReader(fh)
+            if r["tag"] == "mob-b3-r16" and r["metric"] == "fail_auroc_entropy_boundary"
+        ]
+    assert len(rows) == 1 and float(rows[0]["mean"]) == pytest.approx(want)
+    md = (ws.report_dir / "report.md").read_text()
+    assert "Table 5c: Failure detection" in md and "Figure 2b: Case score against Dice" in md
+    conformal = (ws.report_dir / "tables" / "table5d_conformal.md").read_text()
+    mob = next(ln for ln in conformal.splitlines() if "| Mixture-of-Bases |" in ln)
+    cells = [c.strip() for c in mob.split("|")]
+    assert cells[3] == "-" and cells[5] != "-"  # no val predictions: no lambda; FNR at 0.5
