@@ -577,26 +577,72 @@ def _render_result(result: Any, command: str) -> None:
 
 @app.command()
 def study(
+    grid_name: Annotated[
+        str,
+        typer.Option(
+            "--grid",
+            help="paper (4 organs x 5 methods x 5 seeds, ablation) or truth (the phantom: "
+            "both objectives, noise modes and annotator choices, 3 seeds). Options given "
+            "override the grid's.",
+        ),
+    ] = "paper",
     organs: Annotated[
         list[str] | None,
         typer.Option(
             "--organs",
             help="Organs, repeated or comma-separated. Default: pancreas, gallbladder, "
-            "duodenum, adrenal_gland_left.",
+            "duodenum, adrenal_gland_left (truth grid: pancreas).",
         ),
     ] = None,
     methods: Annotated[
         list[str] | None,
         typer.Option("--methods", help="Methods, repeated or comma-separated. Default: all five."),
     ] = None,
-    seeds: Annotated[int, typer.Option("--seeds", help="Seeds per configuration (0..N-1).")] = 5,
+    objectives: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--objectives",
+            help="Objectives of the stochastic heads: mean, logsumexp (comma-separated). "
+            "Default: mean (truth grid: both).",
+        ),
+    ] = None,
+    noises: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--noises",
+            help="Noise modes of single-basis and mob: voxel, block. Default: voxel "
+            "(truth grid: both).",
+        ),
+    ] = None,
+    annotators: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--annotators",
+            help="Annotator choices of every method: 0, all. Default: 0 (truth grid: both).",
+        ),
+    ] = None,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr", help="Fine-tuning learning rate of every run (default the paper's 1e-4)."
+        ),
+    ] = None,
+    antithetic: Annotated[
+        bool,
+        typer.Option("--antithetic", help="Antithetic pairs in every stochastic run (even k)."),
+    ] = False,
+    seeds: Annotated[
+        int | None,
+        typer.Option("--seeds", help="Seeds per configuration (0..N-1). Default 5 (truth: 3)."),
+    ] = None,
     bases_ablation: Annotated[
-        str,
+        str | None,
         typer.Option(
             "--bases-ablation",
-            help="Values of M for the mob ablation on --ablation-organ: 1..5, 1,2,4 or none.",
+            help="Values of M for the mob ablation on --ablation-organ: 1..5, 1,2,4 or none. "
+            "Default 1..5 (truth grid: none).",
         ),
-    ] = "1..5",
+    ] = None,
     ablation_organ: Annotated[
         str, typer.Option("--ablation-organ", help="Organ of the bases ablation.")
     ] = "pancreas",
@@ -609,8 +655,12 @@ def study(
     ] = True,
     preset: PresetOpt = "paper",
     source: Annotated[
-        str, typer.Option("--source", help="Data of prepare: zenodo, phantom, DIR or ZIP.")
-    ] = "zenodo",
+        str | None,
+        typer.Option(
+            "--source",
+            help="Data of prepare: zenodo, phantom, DIR or ZIP. Default zenodo (truth: phantom).",
+        ),
+    ] = None,
     subset: Annotated[str, typer.Option(help="full or small (zenodo only).")] = "full",
     num_cases: Annotated[int | None, typer.Option(help="Phantom cases.")] = None,
     size: Annotated[int | None, typer.Option(help="Phantom edge length (voxels).")] = None,
@@ -710,7 +760,8 @@ def study(
     Expands the grid into stage jobs (prepare -> pretrain -> finetune -> predict ->
     evaluate -> report), skips what the manifest says is done, goes on past a
     failed job (its dependents are skipped) and lists failures at the end. Safe
-    to interrupt and rerun. Defaults are the paper's grid (377 jobs).
+    to interrupt and rerun. Defaults are the paper's grid (377 jobs); `--grid
+    truth` is the benchmark against the phantom's true label law (239 jobs).
     """
     from mobseg.study import executors as ex
     from mobseg.study import grid
@@ -726,11 +777,17 @@ def study(
                     f"--slurm-arg {item!r} is not KEY=VALUE.", "Write e.g. --slurm-arg account=abc."
                 )
             extra[k.strip().lstrip("-")] = v.strip()
-        spec = grid.StudySpec(
-            organs=grid.resolve_organs(organs),
-            methods=grid.resolve_methods(methods),
+        spec = grid.grid_spec(
+            grid_name,
+            organs=grid.resolve_organs(organs) if organs else None,
+            methods=grid.resolve_methods(methods) if methods else None,
+            objectives=grid.resolve_choices(objectives, "objective"),
+            noises=grid.resolve_choices(noises, "noise mode"),
+            annotators=grid.resolve_choices(annotators, "annotator choice"),
+            lr=lr,
+            antithetic=antithetic or None,
             seeds=seeds,
-            ablation_bases=grid.parse_bases(bases_ablation),
+            ablation_bases=None if bases_ablation is None else grid.parse_bases(bases_ablation),
             ablation_organ=_organ(ablation_organ),
             backbone=backbone,
             preset=preset,

@@ -55,6 +55,40 @@ def test_paper_dry_run_counts(tmp_path: Path) -> None:
     assert not (tmp_path / "study" / "spec.json").exists()  # a dry run changes nothing
 
 
+def test_truth_grid_dry_run_counts(tmp_path: Path) -> None:
+    result = invoke(tmp_path, "study", "--grid", "truth", "--preset", "cpu", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "finetune") == [78, 0, 0, 0, 78]  # 26 configurations x 3 seeds
+    assert row(result.output, "predict") == [79, 0, 0, 0, 79]
+    assert row(result.output, "all") == [239, 0, 0, 0, 239]
+    for tag in ("deterministic-annall", "mob-b3-r16-block-lse-annall", "diagonal-lse"):
+        assert f" {tag} " in result.output
+    # shrunk: two methods, voxel noise, one seed, all runs at lr 3e-3
+    result = invoke(
+        tmp_path,
+        "study",
+        "--grid",
+        "truth",
+        "--preset",
+        "cpu",
+        "--methods",
+        "deterministic,mob",
+        "--noises",
+        "voxel",
+        "--seeds",
+        "1",
+        "--lr",
+        "3e-3",
+        "--dry-run",
+    )
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "finetune") == [6, 0, 0, 0, 6]
+    total = 1 + 1 + 6 + 7 + 7 + 1  # prepare, pretrain, finetune, predict, evaluate, report
+    assert row(result.output, "all") == [total, 0, 0, 0, total]
+    assert "mob-b3-r16-lse-annall-x" in result.output
+    assert " mob-b3-r16-lse-annall " not in result.output  # the lr is part of every tag
+
+
 def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
@@ -94,6 +128,11 @@ def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> Non
         (["--slurm-arg", "account"], "KEY=VALUE"),
         (["--save-samples", "-1"], "--save-samples must be >= 0"),
         (["--num-gpus", "0"], "--num-gpus"),
+        (["--grid", "truth", "--source", "zenodo"], "--grid truth needs --source phantom"),
+        (["--grid", "truht"], "Unknown grid"),
+        (["--objectives", "mean,lse"], "logsumexp"),
+        (["--annotators", "1"], "annotator choice"),
+        (["--lr", "0"], "--lr must be > 0"),
     ],
 )
 def test_user_errors_exit_1_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
