@@ -228,16 +228,16 @@ class StudySpec:
             raise ConfigurationError(f"--num-gpus must be >= 1, got {self.num_gpus}.")
         if self.lr <= 0:
             raise ConfigurationError(f"--lr must be > 0, got {self.lr}.")
-        for name, values, choices in (
-            ("objective", self.objectives, MC_LOSSES),
-            ("noise mode", self.noises, NOISE_MODES),
-            ("annotator choice", self.annotators, ANNOTATOR_CHOICES),
+        for name, values in (
+            ("objective", self.objectives),
+            ("noise mode", self.noises),
+            ("annotator choice", self.annotators),
         ):
             if not values:
                 raise ConfigurationError(f"The study needs at least one {name}.")
             for v in values:
-                if v not in choices:
-                    raise UnknownNameError(name, v, choices)
+                if v not in CHOICES[name]:
+                    raise UnknownNameError(name, v, CHOICES[name])
         if self.antithetic and self.train_samples % 2:
             raise ConfigurationError(
                 f"--antithetic needs an even --train-samples, got {self.train_samples}."

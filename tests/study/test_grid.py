@@ -455,6 +455,8 @@ def test_resolve_choices() -> None:
         grid.resolve_choices(["lse"], "objective")
     with pytest.raises(UnknownNameError, match="voxel"):
         grid.resolve_choices(["global"], "noise mode")  # single-basis only: not a grid axis
+    with pytest.raises(UnknownNameError, match="noise mode"):
+        StudySpec(noises=("voxel", "global"))
 
 
 def test_variants_add_configurations_once() -> None:
