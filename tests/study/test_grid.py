@@ -479,3 +479,10 @@ def test_variants_add_configurations_once() -> None:
         grid.RunVariant("mob", mc_loss="sum")
     with pytest.raises(ConfigurationError, match="learning rate"):
         grid.RunVariant("mob", lr=-1.0)
+
+
+def test_tta_reaches_every_prediction_of_the_grid() -> None:
+    plan = expand(grid.grid_spec("truth", seeds=1, tta=False))
+    preds = plan.by_stage("predict")
+    assert len(preds) == 27 and all(j.params.tta is False for j in preds)
+    assert all(j.params.tta for j in expand(StudySpec(seeds=1)).by_stage("predict"))
