@@ -13,8 +13,14 @@ Rows (one per run configuration, i.e. per tag):
   default was not run and that tag has no loss or training suffix (a
   ``mob-b3-r16-lse`` run is never shown as the paper's row); it carries the
   paper's published values;
-- every other tag (ablations such as ``mob-b5-r16``, the fine-tuned
-  deterministic control) as its own row, labelled with the tag.
+- every other tag (ablations such as ``mob-b5-r16``, loss, noise and
+  training variants such as ``mob-b3-r16-lse-annall``, the fine-tuned
+  deterministic controls) as its own row, labelled with the tag, after its
+  method's canonical row.
+
+Each run also carries its training configuration (objective, noise,
+annotators, learning rate) from its ``finetune`` record, which Table 5b
+shows beside the tag.
 
 The five paper rows are always present (empty cells when not run).
 """
@@ -65,6 +71,9 @@ class RunResult:
         key: The evaluate record's key.
         variant: The tag carries a loss or training suffix (``-lse``, ``-k8``,
             ``-x<hash>``...; :meth:`mobseg.core.config.RunConfig.tag`).
+        training: ``objective``, ``noise``, ``annotators`` and ``lr`` of the
+            run's fine-tuning (:func:`training_of`), or None (the backbone, or
+            no finetune record).
     """
 
     organ: str
@@ -79,6 +88,7 @@ class RunResult:
     pred_dir: Path | None = None
     key: str = ""
     variant: bool = False
+    training: dict[str, Any] | None = None
 
     def value(self, name: str) -> float:
         """A summary number as float (NaN when missing)."""
@@ -186,8 +196,11 @@ def row_keys(
     for method in METHOD_NAMES:
         tags = by_method.get(method, {})
         if method == "deterministic":
-            for tag in sorted(tags):
-                rows.append(RowKey(tag, method, FINETUNED_DETERMINISTIC_LABEL, None))
+            for tag in sorted(tags, key=lambda t: (t != HeadConfig(method).tag(), t)):
+                label = FINETUNED_DETERMINISTIC_LABEL
+                if tag != HeadConfig(method).tag():  # e.g. deterministic-annall-x<hash>
+                    label = f"{label.removesuffix(')')}, {tag})"
+                rows.append(RowKey(tag, method, label, None))
             continue
         default = HeadConfig(method).tag()
         label = METHOD_LABELS[method]
@@ -213,7 +226,28 @@ def _resolve(ws: Workspace, value: Any) -> Path | None:
     return p if p.is_absolute() else ws.root / p
 
 
-def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
+def training_of(params: dict[str, Any]) -> dict[str, Any]:
+    """The training configuration of a finetune record's params, for the report.
+
+    Returns:
+        ``objective`` (``mean``/``logsumexp``; None for a deterministic head,
+        which has none), ``noise`` (single-basis and mob, else None),
+        ``annotators`` and ``lr``.
+    """
+    head = params.get("head") or {}
+    loss = params.get("loss") or {}
+    method = head.get("method")
+    return {
+        "objective": loss.get("mc_loss", "mean") if method != "deterministic" else None,
+        "noise": head.get("noise", "voxel") if method in ("single-basis", "mob") else None,
+        "annotators": str(params.get("annotators", "0")),
+        "lr": params.get("lr"),
+    }
+
+
+def _run_from_record(
+    ws: Workspace, rec: StageRecord, finetune: StageRecord | None = None
+) -> RunResult | None:
     parts = rec.key.split("/")
     try:
         organ, tag, seed = parts[1], parts[2], int(parts[3].removeprefix("seed"))
@@ -240,6 +274,7 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
         pred_dir=_resolve(ws, rec.outputs.get("pred_dir")),
         key=rec.key,
         variant=variant,
+        training=training_of(finetune.params) if finetune is not None else None,
     )
     csv_path = _resolve(ws, rec.outputs.get("metrics_csv"))
     if csv_path is not None and csv_path.is_file():
@@ -265,10 +300,10 @@ def _run_from_record(ws: Workspace, rec: StageRecord) -> RunResult | None:
 
 def collect(ws: Workspace) -> StudyResults:
     """Read the manifest of ``ws`` into :class:`StudyResults` (never raises on gaps)."""
-    manifest = Manifest(ws.manifest_path)
+    records = Manifest(ws.manifest_path).records()
     results = StudyResults()
-    for rec in manifest.find("prepare"):
-        if not rec.done:
+    for rec in sorted(records.values(), key=lambda r: r.key):
+        if rec.stage != "prepare" or not rec.done:
             continue
         organ = rec.key.split("/", 1)[-1]
         counts = rec.outputs.get("counts")
@@ -277,10 +312,13 @@ def collect(ws: Workspace) -> StudyResults:
             counts=dict(counts) if isinstance(counts, dict) else None,
             raw_dir=_resolve(ws, rec.outputs.get("raw_dir")),
         )
-    for rec in manifest.find("evaluate"):
-        if not rec.done or rec.key.endswith("/roi"):  # former --region roi records: superseded
-            continue
-        run = _run_from_record(ws, rec)
+    for rec in sorted(records.values(), key=lambda r: r.key):
+        if rec.stage != "evaluate" or not rec.done or rec.key.endswith("/roi"):
+            continue  # former --region roi records: superseded
+        finetune = records.get("finetune/" + rec.key.split("/", 1)[-1])
+        run = _run_from_record(
+            ws, rec, finetune if finetune is not None and finetune.done else None
+        )
         if run is not None:
             results.runs.append(run)
     return results

@@ -280,8 +280,11 @@ def variance_truth_figure(results: StudyResults, path: Path) -> Path | None:
         return None
     plt = _plt()
     styles = _styles(rows)
-    width = max(6.5, 5.2 * len(organs))
-    fig, axes = plt.subplots(1, len(organs), figsize=(width, 4.8), squeeze=False)
+    # a grid of configurations (the truth grid: 27 rows) gets its legend beside the axes
+    many = max(len(cs) for cs in curves.values()) > 8
+    width = max(6.5, (8.6 if many else 5.2) * len(organs))
+    height = max(4.8, 0.2 * max(len(cs) for cs in curves.values())) if many else 4.8
+    fig, axes = plt.subplots(1, len(organs), figsize=(width, height), squeeze=False)
     for j, organ in enumerate(organs):
         ax = axes[0, j]
         ax.plot([0, 0.25], [0, 0.25], color="#999999", ls="--", lw=1, label="identity (target)")
@@ -292,7 +295,10 @@ def variance_truth_figure(results: StudyResults, path: Path) -> Path | None:
         ax.set_xlabel("annotators' variance p*(1 - p*)")
         ax.set_ylabel("model's Var[p] (mean per bin)")
         ax.set_title(f"{organ_label(organ)}: ambiguity band")
-        ax.legend(loc="upper left", framealpha=0.9)
+        if many:
+            ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=7, framealpha=0.9)
+        else:
+            ax.legend(loc="upper left", framealpha=0.9)
     _suptitle(
         fig,
         "Learned Var[p] against the annotators' per-voxel variance p*(1 - p*) in the "

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mobseg.report.collect import StudyResults, mean_std
+from mobseg.report.collect import RunResult, StudyResults, mean_std
 from mobseg.report.paper import (
     PAPER_CALIBRATION,
     PAPER_DICE,
@@ -557,6 +557,26 @@ TRUTH_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
 )
 
 
+#: The training configuration shown beside each row of Table 5b.
+TRUTH_CONFIG_COLUMNS: tuple[str, ...] = ("Objective", "Noise", "Annotators", "lr")
+
+
+def training_cells(runs: Sequence[RunResult]) -> dict[str, str]:
+    """The texts of :data:`TRUTH_CONFIG_COLUMNS` for one row's runs ('-' = unknown or n/a).
+
+    The runs of a row share their tag, hence their configuration; the first
+    run with a known one speaks for them.
+    """
+    training = next((r.training for r in runs if r.training), None) or {}
+    lr = training.get("lr")
+    return {
+        "Objective": str(training.get("objective") or DASH),
+        "Noise": str(training.get("noise") or DASH),
+        "Annotators": str(training.get("annotators") or DASH),
+        "lr": f"{lr:g}" if isinstance(lr, (int, float)) else DASH,
+    }
+
+
 def truth_table(results: StudyResults) -> Table:
     """Table 5b: every method against the phantom's true label law p*, in the ambiguity band."""
     name = "table5b_truth"
@@ -572,10 +592,13 @@ def truth_table(results: StudyResults) -> Table:
         "and a correlation of '-' for a zero one); GED\u00b2 against all K annotators (1 - IoU) "
         "and the sample diversity over the annotator diversity (target 1). Mean \u00b1 std "
         "over seeds; lower is better except for the correlation; no best is marked for the "
-        "ratios.",
-        ["Organ", "Method"] + [c[1] for c in TRUTH_COLUMNS] + ["Seeds"],
-        label_columns=2,
+        "ratios. Objective, noise, annotators and learning rate are the run's fine-tuning "
+        "('-' where they do not apply, e.g. the backbone); every configuration is a row of "
+        "its own, after its method's paper row.",
+        ["Organ", "Method", *TRUTH_CONFIG_COLUMNS] + [c[1] for c in TRUTH_COLUMNS] + ["Seeds"],
+        label_columns=2 + len(TRUTH_CONFIG_COLUMNS),
     )
+    lead = 2 + len(TRUTH_CONFIG_COLUMNS)
     for organ in results.result_organs():
         start = len(table.rows)
         if start:
@@ -584,7 +607,9 @@ def truth_table(results: StudyResults) -> Table:
             group = results.group(organ, key.tag)
             if not group:
                 continue
+            config = training_cells(group)
             row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
+            row += [Cell(text=config[c]) for c in TRUTH_CONFIG_COLUMNS]
             for metric, header, dec, _ in TRUTH_COLUMNS:
                 m, s, n = mean_std([r.value(metric) for r in group])
                 cell = Cell(mean=m, std=s, n=n, decimals=dec)
@@ -595,6 +620,7 @@ def truth_table(results: StudyResults) -> Table:
                         "row": key.label,
                         "tag": key.tag,
                         "organ": organ,
+                        **{c.lower(): config[c] for c in TRUTH_CONFIG_COLUMNS},
                         "metric": metric,
                         "column": header,
                         "mean": m,
@@ -607,9 +633,9 @@ def truth_table(results: StudyResults) -> Table:
             table.rows.append(row)
         block = table.rows[start:]
         for i, (_, _, dec, higher) in enumerate(TRUTH_COLUMNS):
-            fit_decimals([r[2 + i] for r in block], dec)
+            fit_decimals([r[lead + i] for r in block], dec)
             if higher is not None:
-                mark_best(block, 2 + i, higher)
+                mark_best(block, lead + i, higher)
     _flag_best_records(table)
     return table
 

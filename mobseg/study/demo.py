@@ -2,25 +2,43 @@
 
 On the synthetic phantom (organ ``pancreas``) at the ``cpu`` preset:
 prepare, pretrain the backbone, fine-tune all five methods (mob with M = 3
-bases) for two seeds, predict and evaluate every run and the backbone
-itself, write the report, and predict the real CT of
-``../shared/data/totalseg_example`` with the mob run of seed 0 when that
-folder exists. Everything is resumable: a rerun continues where it stopped.
+bases, the paper's configuration) for two seeds, and beside them
+:data:`DEMO_BEST`, the configuration that learns the annotators' spread
+best, with a deterministic control trained alike (:func:`control_of`);
+predict and evaluate every run and the backbone itself, write the report,
+and predict the real CT of ``../shared/data/totalseg_example`` with the mob
+run of seed 0 when that folder exists. Everything is resumable: a rerun
+continues where it stopped. :func:`comparison` gives the numbers the demo
+prints at the end (the paper's mob, the best configuration, its control,
+against the truth).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from mobseg.core.config import METHOD_NAMES
 from mobseg.errors import InvalidInputError
-from mobseg.study.grid import ExtraPrediction, StudySpec
+from mobseg.study.grid import ExtraPrediction, RunVariant, StudySpec, run_tag
 
 DEMO_ORGAN = "pancreas"
 DEMO_SEEDS = 2
 DEMO_CASES = 32
 DEMO_SIZE = 64
 DEMO_PRESET = "cpu"
+
+#: The configuration the demo shows beside the paper's: the lead sets it from the truth
+#: grid's finding (docs/study.md, "Against the truth"). The SSN objective on a random
+#: annotator per case and step, at a learning rate where the heads leave their start.
+DEMO_BEST = RunVariant("mob", mc_loss="logsumexp", annotators="all", lr=3e-3)
+
+
+def control_of(variant: RunVariant) -> RunVariant:
+    """The deterministic control trained alike: same annotators and learning rate."""
+    return RunVariant("deterministic", annotators=variant.annotators, lr=variant.lr)
+
 
 #: Where ``mobseg demo`` looks for the real example CT, relative to the current folder.
 DEFAULT_EXAMPLE = Path("..") / "shared" / "data" / "totalseg_example"
@@ -92,8 +110,10 @@ def demo_spec(
     num_cases: int = DEMO_CASES,
     size: int = DEMO_SIZE,
     preset: str = DEMO_PRESET,
+    best: RunVariant | None = DEMO_BEST,
 ) -> StudySpec:
-    """The demo's study: one organ, five methods x ``seeds``, backbone, report, example CT.
+    """The demo's study: one organ, five methods x ``seeds``, the best configuration and its
+    control x ``seeds``, backbone, report, example CT.
 
     Args:
         root: The workdir; the example's prediction goes to ``<root>/example/<name>``.
@@ -102,6 +122,8 @@ def demo_spec(
         num_cases: Phantom cases.
         size: Phantom edge length in voxels.
         preset: Preset of pretraining and fine-tuning.
+        best: The configuration shown beside the paper's (:data:`DEMO_BEST`);
+            None = the paper's configurations only.
     """
     extras: tuple[ExtraPrediction, ...] = ()
     if example_ct is not None:
@@ -118,5 +140,63 @@ def demo_spec(
         source="phantom",
         num_cases=num_cases,
         size=size,
+        variants=() if best is None else (best, control_of(best)),
         extra_predictions=extras,
     )
+
+
+#: (summary key, header) of the demo's closing comparison (all against the truth p*).
+COMPARISON_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("pstar_nll_band", "band NLL*"),
+    ("pstar_mae_band", "band |p - p*|"),
+    ("ged2", "GED^2"),
+    ("diversity_ratio", "diversity / annotators'"),
+)
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One row of the demo's closing comparison.
+
+    Attributes:
+        label: What the row is.
+        tag: Its run tag.
+        values: Mean over the evaluated seeds per :data:`COMPARISON_COLUMNS` key (NaN = none).
+        seeds: Number of evaluated seeds.
+    """
+
+    label: str
+    tag: str
+    values: dict[str, float]
+    seeds: int
+
+
+def comparison(root: Path, spec: StudySpec) -> list[ComparisonRow]:
+    """The paper's mob, the demo's best configuration and its control, against the truth.
+
+    Reads the evaluations in the workdir ``root`` (means over seeds; rows
+    without an evaluation have NaN values and 0 seeds).
+    """
+    from mobseg.report.collect import collect, mean_std
+    from mobseg.workspace import Workspace
+
+    organ = spec.organs[0]
+    rows = [("Paper's configuration (mob, mean objective, annotator 0)", RunVariant("mob"))]
+    for v in spec.variants:
+        what = "control" if v.method == "deterministic" else "best configuration"
+        lr = spec.lr if v.lr is None else v.lr
+        detail = f"{v.method}, {v.mc_loss}, annotators {v.annotators}, lr {lr:g}"
+        if v.method == "deterministic":
+            detail = f"deterministic, annotators {v.annotators}, lr {lr:g}"
+        rows.append((f"Demo's {what} ({detail})", v))
+    results = collect(Workspace(Path(root)))
+    out = []
+    for label, v in rows:
+        tag = run_tag(spec, organ, spec.head(v.method, noise=v.noise), v)
+        group = results.group(organ, tag)
+        values = {}
+        for key, _ in COMPARISON_COLUMNS:
+            m, _, _ = mean_std([r.value(key) for r in group])
+            values[key] = m if math.isfinite(m) else float("nan")
+        out.append(ComparisonRow(label, tag, values, len(group)))
+    return out

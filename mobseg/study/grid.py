@@ -1,4 +1,4 @@
-"""The study grid: organs x methods x seeds (+ the bases ablation) as a DAG of stage jobs.
+"""The study grid: organs x configurations x seeds (+ the bases ablation) as a DAG of stage jobs.
 
 A :class:`StudySpec` says *what* to run; :func:`expand` turns it into a
 :class:`Plan`, an ordered mapping of manifest key -> :class:`Job`. Every job
@@ -27,6 +27,17 @@ predict       finetune runs + one backbone run per organ   124
 evaluate      one per predict run                          124
 report        once                                           1
 ============  =========================================  =====
+
+A configuration is a method with one objective, noise mode and annotator
+choice (:class:`RunVariant`): the grid crosses ``methods`` x ``objectives``
+(stochastic heads) x ``noises`` (single-basis and mob) x ``annotators``, all
+at the spec's learning rate and schedule, plus any explicit ``variants``.
+The paper grid has one of each (mean, voxel, annotator 0). The *truth* grid
+(:data:`GRIDS`, ``mobseg study --grid truth``, on the phantom) has both
+objectives, both noise modes and both annotator choices: per organ
+2 (deterministic) + 4 (diagonal) + 4 (lowrank) + 8 (single-basis) + 8 (mob)
+= 26 configurations, x 3 seeds = 78 fine-tunings, 79 predictions and
+evaluations with the backbone, 239 jobs with prepare, pretrain and report.
 """
 
 from __future__ import annotations
@@ -39,9 +50,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from mobseg.core.config import METHOD_NAMES, HeadConfig, LossConfig, check_method
+from mobseg.core.config import (
+    ANNOTATOR_CHOICES,
+    MC_LOSSES,
+    METHOD_NAMES,
+    NOISE_MODES,
+    HeadConfig,
+    LossConfig,
+    check_annotators,
+    check_method,
+)
 from mobseg.data.structures import PAPER_ORGANS, resolve_organ
-from mobseg.errors import ConfigurationError
+from mobseg.errors import ConfigurationError, UnknownNameError
 from mobseg.manifest import StageRecord, outdated_inputs
 from mobseg.stages import keys
 from mobseg.stages.predict import BACKBONE_TAG
@@ -70,6 +90,47 @@ class ExtraPrediction:
     seed: int = 0
 
 
+#: Methods that have a noise mode (``--noise``) to vary.
+NOISE_METHODS: tuple[str, ...] = ("single-basis", "mob")
+
+#: The paper's AdamW learning rate of the fine-tuning.
+PAPER_LR = 1e-4
+
+
+@dataclass(frozen=True)
+class RunVariant:
+    """One fine-tuning configuration of a method, besides its seed.
+
+    The grid crosses methods, objectives, noise modes and annotator choices
+    into variants; :attr:`StudySpec.variants` adds explicit ones (the demo's
+    best configuration and its control).
+
+    Attributes:
+        method: One of :data:`mobseg.core.config.METHOD_NAMES`.
+        mc_loss: ``mean`` (the paper) or ``logsumexp`` (SSN); ignored by a
+            deterministic head.
+        noise: ``voxel`` or ``block`` (single-basis and mob only).
+        annotators: ``0`` or ``all``.
+        lr: AdamW learning rate; None = the spec's ``lr``.
+    """
+
+    method: str
+    mc_loss: str = "mean"
+    noise: str = "voxel"
+    annotators: str = "0"
+    lr: float | None = None
+
+    def __post_init__(self) -> None:
+        check_method(self.method)
+        if self.mc_loss not in MC_LOSSES:
+            raise UnknownNameError("objective", self.mc_loss, MC_LOSSES)
+        if self.noise not in NOISE_MODES:
+            raise UnknownNameError("noise mode", self.noise, NOISE_MODES)
+        check_annotators(self.annotators)
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigurationError(f"The learning rate must be > 0, got {self.lr}.")
+
+
 @dataclass(frozen=True)
 class StudySpec:
     """What a study runs. Defaults are the paper's grid at the ``paper`` preset.
@@ -93,6 +154,19 @@ class StudySpec:
         num_gpus: GPUs of each pretraining (nnU-Net's own DDP).
         epochs: Override the preset's fine-tuning epochs.
         iterations: Override the preset's iterations per fine-tuning epoch.
+        lr: AdamW learning rate of every fine-tuning (the deterministic
+            control's too); other than :data:`PAPER_LR` it adds ``-x<hash>``
+            to the run tags.
+        objectives: Objectives (``mc_loss``) of the stochastic heads; the
+            deterministic head has one run whatever they are.
+        noises: Noise modes of single-basis and mob (the other heads have
+            voxel noise only).
+        annotators: Annotator choices (``0``, ``all``) of every method, the
+            deterministic control included.
+        antithetic: Antithetic pairs in every stochastic run (needs an even
+            ``train_samples``).
+        variants: Configurations run besides the grid's cross product (on
+            the grid's organs, with the grid's seeds and schedule).
         train_samples: k, samples of the logits per training step.
         rank: R of the low-rank factor and of the bases.
         bases: M of the main grid's mob runs.
@@ -100,6 +174,8 @@ class StudySpec:
         samples: k, Monte-Carlo samples per voxel at prediction (more than two classes only).
         save_samples: S joint samples written per test case (GED and sample
             diversity where several reference masks exist, e.g. the phantom).
+        tta: Mirroring test-time augmentation of every prediction (nnU-Net's
+            default; off makes each prediction several times faster on a CPU).
         extra_predictions: Predictions on CTs outside the test split (demo).
     """
 
@@ -121,12 +197,19 @@ class StudySpec:
     num_gpus: int = 1
     epochs: int | None = None
     iterations: int | None = None
+    lr: float = PAPER_LR
+    objectives: tuple[str, ...] = ("mean",)
+    noises: tuple[str, ...] = ("voxel",)
+    annotators: tuple[str, ...] = ("0",)
+    antithetic: bool = False
+    variants: tuple[RunVariant, ...] = ()
     train_samples: int = 5
     rank: int = 16
     bases: int = 3
     partitions: int = 4
     samples: int = 30
     save_samples: int = 8
+    tta: bool = True
     extra_predictions: tuple[ExtraPrediction, ...] = ()
 
     def __post_init__(self) -> None:
@@ -146,6 +229,22 @@ class StudySpec:
             )
         if self.num_gpus < 1:
             raise ConfigurationError(f"--num-gpus must be >= 1, got {self.num_gpus}.")
+        if self.lr <= 0:
+            raise ConfigurationError(f"--lr must be > 0, got {self.lr}.")
+        for name, values in (
+            ("objective", self.objectives),
+            ("noise mode", self.noises),
+            ("annotator choice", self.annotators),
+        ):
+            if not values:
+                raise ConfigurationError(f"The study needs at least one {name}.")
+            for v in values:
+                if v not in CHOICES[name]:
+                    raise UnknownNameError(name, v, CHOICES[name])
+        if self.antithetic and self.train_samples % 2:
+            raise ConfigurationError(
+                f"--antithetic needs an even --train-samples, got {self.train_samples}."
+            )
         for extra in self.extra_predictions:
             if extra.method != BACKBONE_TAG:
                 check_method(extra.method)
@@ -162,17 +261,39 @@ class StudySpec:
             organs.append(self.ablation_organ)
         return tuple(organs)
 
-    def head(self, method: str, bases: int | None = None) -> HeadConfig:
+    def head(self, method: str, bases: int | None = None, noise: str = "voxel") -> HeadConfig:
         """The head of ``method`` with the spec's R, M and P (``bases`` overrides M)."""
         return HeadConfig(
             method=method,
             rank=self.rank,
             bases=self.bases if bases is None else bases,
             partitions=self.partitions,
+            noise=noise,
         )
+
+    def method_variants(self, method: str) -> list[RunVariant]:
+        """The grid's configurations of ``method``: objectives x noises x annotators.
+
+        Objectives apply to stochastic heads only, noise modes to
+        :data:`NOISE_METHODS` only, so a deterministic control has one
+        configuration per annotator choice.
+        """
+        objectives = self.objectives if method != "deterministic" else ("mean",)
+        noises = self.noises if method in NOISE_METHODS else ("voxel",)
+        return [
+            RunVariant(method, mc_loss=o, noise=n, annotators=a)
+            for o in dict.fromkeys(objectives)
+            for n in dict.fromkeys(noises)
+            for a in dict.fromkeys(self.annotators)
+        ]
+
+    def default_variant(self, method: str) -> RunVariant:
+        """The first configuration of ``method`` (the paper's at the defaults)."""
+        return self.method_variants(method)[0]
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["variants"] = [asdict(v) for v in self.variants]
         d["extra_predictions"] = [
             {**asdict(e), "input": str(e.input), "out": str(e.out)} for e in self.extra_predictions
         ]
@@ -182,9 +303,11 @@ class StudySpec:
     def from_dict(cls, data: Mapping[str, Any]) -> StudySpec:
         known = {f.name for f in fields(cls)}
         d = {k: v for k, v in data.items() if k in known}
-        for name in ("organs", "methods", "ablation_bases"):
+        for name in ("organs", "methods", "ablation_bases", "objectives", "noises", "annotators"):
             if name in d:
                 d[name] = tuple(d[name])
+        if "variants" in d:
+            d["variants"] = tuple(RunVariant(**v) for v in d["variants"])
         if "extra_predictions" in d:
             d["extra_predictions"] = tuple(
                 ExtraPrediction(
@@ -389,6 +512,72 @@ def run_status(statuses: Iterable[str]) -> str:
     return "pending"
 
 
+# -- named grids ----------------------------------------------------------------------------
+#: Defaults of each ``mobseg study --grid``; options given on the command line override them.
+GRIDS: dict[str, dict[str, Any]] = {
+    # The paper: 4 organs x 5 methods x 5 seeds, the bases ablation, mean objective, annotator 0.
+    "paper": {},
+    # Against the truth (phantom): every method with both objectives, both noise modes where
+    # they apply and both annotator choices, 3 seeds, no ablation.
+    "truth": {
+        "organs": ("pancreas",),
+        "seeds": 3,
+        "ablation_bases": (),
+        "source": "phantom",
+        "objectives": MC_LOSSES,
+        "noises": ("voxel", "block"),
+        "annotators": ANNOTATOR_CHOICES,
+    },
+}
+
+
+def grid_spec(name: str, **options: Any) -> StudySpec:
+    """The spec of the named grid (:data:`GRIDS`), with ``options`` (None = the grid's) over it.
+
+    Raises:
+        UnknownNameError: ``name`` is not a grid.
+        ConfigurationError: the truth grid on a source without the true label
+            law (only the phantom has one).
+    """
+    if name not in GRIDS:
+        raise UnknownNameError("grid", name, tuple(GRIDS))
+    values = dict(GRIDS[name])
+    values.update({k: v for k, v in options.items() if v is not None})
+    spec = StudySpec(**values)
+    if name == "truth" and spec.source != "phantom":
+        raise ConfigurationError(
+            f"--grid truth needs --source phantom, got {spec.source!r}.",
+            "Only the phantom knows the true label law p* and draws several annotators.",
+        )
+    return spec
+
+
+#: The choices of the grid's list options, by the name the errors use.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "objective": MC_LOSSES,
+    "noise mode": ("voxel", "block"),
+    "annotator choice": ANNOTATOR_CHOICES,
+}
+
+
+def resolve_choices(values: Iterable[str] | None, kind: str) -> tuple[str, ...] | None:
+    """Repeated or comma-separated values of ``kind`` (:data:`CHOICES`), checked.
+
+    Returns:
+        The values in order without repeats, or None when none were given.
+
+    Raises:
+        UnknownNameError: a value is not one of the kind's choices.
+    """
+    names = split_names(values)
+    if not names:
+        return None
+    for n in names:
+        if n not in CHOICES[kind]:
+            raise UnknownNameError(kind, n, CHOICES[kind])
+    return tuple(dict.fromkeys(names))
+
+
 # -- parsing --------------------------------------------------------------------------------
 def parse_bases(text: str | None) -> tuple[int, ...]:
     """Parse ``--bases-ablation``: ``1..5``, ``1,2,4``, ``2..3,5`` or ``none``.
@@ -464,26 +653,73 @@ def _pretrain_params(spec: StudySpec, organ: str) -> Any:
     )
 
 
-def _finetune_params(spec: StudySpec, organ: str, head: HeadConfig, seed: int) -> Any:
+def _finetune_params(
+    spec: StudySpec, organ: str, head: HeadConfig, seed: int, variant: RunVariant | None = None
+) -> Any:
+    """Params of one fine-tuning; ``variant`` gives objective, annotators and lr
+    (None = the paper's objective, annotator 0, the spec's lr; its noise is the head's)."""
     from mobseg.stages.finetune import FinetuneParams
 
+    variant = variant or RunVariant(head.method, noise=head.noise)
+    stochastic = head.method != "deterministic"
     return FinetuneParams(
         organ=organ,
         head=head,
-        loss=LossConfig(samples=spec.train_samples),
+        loss=LossConfig(
+            samples=spec.train_samples,
+            mc_loss=variant.mc_loss if stochastic else "mean",
+            antithetic=spec.antithetic and stochastic,
+        ),
         seed=seed,
         preset=spec.preset,
         device=spec.device,
         epochs=spec.epochs,
         iterations=spec.iterations,
+        lr=spec.lr if variant.lr is None else variant.lr,
+        annotators=variant.annotators,
     )
 
 
-def run_tag(spec: StudySpec, organ: str, head: HeadConfig) -> str:
-    """Tag of the fine-tuned run of ``head`` in the study (head tag + loss/training suffix)."""
+def run_tag(
+    spec: StudySpec, organ: str, head: HeadConfig, variant: RunVariant | None = None
+) -> str:
+    """Tag of the fine-tuned run of ``head`` (and ``variant``) in the study.
+
+    The finetune stage's own :func:`mobseg.stages.finetune.run_tag`: the head's
+    tag plus the suffix of every non-default option (``-lse``, ``-annall``,
+    ``-x<hash>`` for a learning rate or schedule other than the paper's).
+    """
     from mobseg.stages.finetune import run_tag as finetune_tag
 
-    return finetune_tag(_finetune_params(spec, organ, head, 0), spec.preset)
+    return finetune_tag(_finetune_params(spec, organ, head, 0, variant), spec.preset)
+
+
+def configurations(spec: StudySpec) -> list[tuple[str, HeadConfig, RunVariant]]:
+    """Every fine-tuned configuration (organ, head, variant), in plan order.
+
+    The main grid (organs x methods x :meth:`StudySpec.method_variants`),
+    then the explicit ``variants`` on each organ, then the bases ablation
+    (mob, the first objective and annotator choice). Configurations with the
+    same run tag are one configuration.
+    """
+    out: list[tuple[str, HeadConfig, RunVariant]] = []
+    for organ in spec.organs:
+        for method in spec.methods:
+            for v in spec.method_variants(method):
+                out.append((organ, spec.head(method, noise=v.noise), v))
+        for v in spec.variants:
+            out.append((organ, spec.head(v.method, noise=v.noise), v))
+    first = spec.default_variant("mob")
+    for m in spec.ablation_bases:
+        out.append((spec.ablation_organ, spec.head("mob", bases=m), replace(first, noise="voxel")))
+    seen: set[tuple[str, str]] = set()
+    unique = []
+    for organ, head, v in out:
+        key = (organ, run_tag(spec, organ, head, v))
+        if key not in seen:
+            seen.add(key)
+            unique.append((organ, head, v))
+    return unique
 
 
 def _run_option(head: HeadConfig | None, tag: str | None) -> dict[str, Any]:
@@ -511,6 +747,7 @@ def _predict_params(
         "input": input,
         "out": out,
         "samples": spec.samples,
+        "tta": spec.tta,
         "device": spec.device,
         # sample masks serve the test set's evaluation, not extra predictions
         "save_samples": spec.save_samples if input is None else 0,
@@ -576,15 +813,9 @@ def expand(spec: StudySpec) -> Plan:
             )
         )
 
-    # (organ, head) of every fine-tuned configuration, main grid first, then the ablation.
-    configs: list[tuple[str, HeadConfig]] = [
-        (organ, spec.head(method)) for organ in spec.organs for method in spec.methods
-    ]
-    configs += [(spec.ablation_organ, spec.head("mob", bases=m)) for m in spec.ablation_bases]
-
     evaluations: list[str] = []
-    for organ, head in configs:
-        tag = run_tag(spec, organ, head)
+    for organ, head, variant in configurations(spec):
+        tag = run_tag(spec, organ, head, variant)
         for seed in spec.seed_list:
             fk = keys.finetune_key(organ, tag, seed)
             pk = keys.predict_key(organ, tag, seed)
@@ -594,7 +825,7 @@ def expand(spec: StudySpec) -> Plan:
                 Job(
                     "finetune",
                     fk,
-                    _finetune_params(spec, organ, head, seed),
+                    _finetune_params(spec, organ, head, seed, variant),
                     deps=(keys.pretrain_key(organ),),
                     **where,
                 )
@@ -627,8 +858,9 @@ def expand(spec: StudySpec) -> Plan:
         if extra.method == BACKBONE_TAG:
             head, tag, dep = None, BACKBONE_TAG, keys.pretrain_key(organ)
         else:
-            head = spec.head(extra.method)
-            tag = run_tag(spec, organ, head)
+            variant = spec.default_variant(extra.method)
+            head = spec.head(extra.method, noise=variant.noise)
+            tag = run_tag(spec, organ, head, variant)
             dep = keys.finetune_key(organ, tag, extra.seed)
         if dep not in plan:
             raise ConfigurationError(

@@ -43,17 +43,19 @@ def stage_table(plan: Plan, records: Mapping[str, StageRecord], title: str) -> T
     return table
 
 
-def _tag_order(tag: str) -> tuple[int, int, str]:
-    """Backbone, then the five methods in the paper's order, then the ablation by M."""
+def _tag_order(tag: str) -> tuple[int, int, int, str]:
+    """Backbone, then the five methods in the paper's order, each method's own tag first,
+    then its other runs (the ablation by M, loss, noise and training variants by tag)."""
     if tag == BACKBONE_TAG:
-        return (0, 0, tag)
+        return (0, 0, 0, tag)
     for i, method in enumerate(METHOD_NAMES, start=1):
         if tag == HeadConfig(method).tag():
-            return (i, 0, tag)
-    m = re.match(r"mob-b(\d+)", tag)
-    if m is not None:
-        return (len(METHOD_NAMES) + 1, int(m.group(1)), tag)
-    return (len(METHOD_NAMES) + 2, 0, tag)
+            return (i, 0, 0, tag)
+    for i, method in enumerate(METHOD_NAMES, start=1):
+        if tag.startswith(method + "-") or tag == method:
+            m = re.match(r"mob-b(\d+)", tag)
+            return (i, 1, int(m.group(1)) if m is not None else 0, tag)
+    return (len(METHOD_NAMES) + 1, 0, 0, tag)
 
 
 def grid_table(plan: Plan, records: Mapping[str, StageRecord], title: str) -> Table | None:

@@ -107,6 +107,14 @@ def test_canonical_rows_and_ablation_rows() -> None:
     rows = row_keys(present | {("deterministic", "deterministic", None)})
     labels = [r.label for r in rows]
     assert "Deterministic (fine-tuned control)" in labels
+    # several fine-tuned controls (the truth grid's annotator choices): one label each
+    controls = row_keys(
+        {("deterministic-annall", "deterministic", None), ("deterministic", "deterministic", None)}
+    )
+    assert [r.label for r in controls if r.tag.startswith("deterministic")] == [
+        "Deterministic (fine-tuned control)",
+        "Deterministic (fine-tuned control, deterministic-annall)",
+    ]
     assert labels.index("Mixture-of-Bases") < labels.index("Mixture-of-Bases (M=1, mob-b1-r16)")
     assert {r.tag for r in rows if r.paper_row} == {
         "backbone",

@@ -101,3 +101,65 @@ def test_a_variant_alone_is_not_the_papers_row() -> None:
     assert any(r.tag == lse and r.paper_row is None for r in rows)
     alone = row_keys({("mob-b5-r16", "mob", 5)})  # an ablation alone still stands in
     assert [r.tag for r in alone if r.paper_row == "Mixture-of-Bases"] == ["mob-b5-r16"]
+
+
+# -- the truth grid's configurations in Table 5b ------------------------------------------
+def _truth_runs() -> dict[str, tuple[finetune.FinetuneParams, float, float]]:
+    """Tag -> (the fine-tuning's params, quality, shift) of a slice of the truth grid at lr 3e-3,
+    with its deterministic controls trained alike."""
+    out = {}
+    configs = [
+        ("deterministic", "mean", "voxel", "0"),
+        ("deterministic", "mean", "voxel", "all"),
+        ("mob", "mean", "voxel", "0"),
+        ("mob", "logsumexp", "voxel", "all"),
+        ("mob", "logsumexp", "block", "all"),
+        ("diagonal", "logsumexp", "voxel", "0"),
+    ]
+    for i, (method, mc_loss, noise, annotators) in enumerate(configs):
+        params = finetune.FinetuneParams(
+            "pancreas",
+            head=HeadConfig(method, noise=noise),
+            loss=LossConfig(mc_loss=mc_loss if method != "deterministic" else "mean"),
+            lr=3e-3,
+            annotators=annotators,
+        )
+        out[finetune.run_tag(params, "paper")] = (params, 1.0 + 0.1 * i, 0.5 - 0.1 * i)
+    return out
+
+
+def test_every_truth_grid_configuration_is_a_row_of_table_5b(tmp_path: Path) -> None:
+    import csv
+
+    runs = _truth_runs()
+    assert len(runs) == 6
+    ws = fakes.build_study(
+        tmp_path / "work", seeds=(0,), runs={t: (p.head, q, s) for t, (p, q, s) in runs.items()}
+    )
+    man = Manifest(ws.manifest_path)
+    for tag, (params, _, _) in runs.items():  # the records the finetune stage writes
+        with man.running("finetune", f"finetune/pancreas/{tag}/seed0", params.to_dict()):
+            pass
+    evaluate.run(ws, evaluate.EvaluateParams(organ="pancreas"))
+    out = run(ws, ReportParams()).outputs
+    with open(ws.report_dir / "tables" / "table5b_truth.csv", newline="") as fh:
+        recs = [r for r in csv.DictReader(fh) if r["metric"] == "pstar_nll_band"]
+    by_tag = {r["tag"]: r for r in recs}
+    assert set(by_tag) == set(runs)  # every configuration, once
+    assert len({r["row"] for r in recs}) == len(recs)  # each with its own label
+    for tag, (params, _, _) in runs.items():
+        r = by_tag[tag]
+        assert tag in r["row"] or tag == "deterministic", r["row"]
+        assert r["annotators"] == params.annotators and r["lr"] == "0.003"
+        stochastic = params.head.method != "deterministic"
+        assert r["objective"] == (params.loss.mc_loss if stochastic else "-")
+        assert r["noise"] == (params.head.noise if params.head.method == "mob" else "-")
+        assert r["n"] == "1" and float(r["mean"]) > 0  # finite band NLL
+    # grouped by method: the controls first, then diagonal, then mob
+    order = [r["tag"] for r in recs]
+    methods = [runs[t][0].head.method for t in order]
+    assert methods == sorted(methods, key=["deterministic", "diagonal", "mob"].index)
+    md = Path(out["report_md"]).read_text()
+    assert "| Objective | Noise | Annotators | lr |" in md
+    block_lse = next(t for t in runs if "-block-lse-annall" in t)
+    assert re.search(rf"\| [^|]*{re.escape(block_lse)}[^|]*\| logsumexp \| block \| all \|", md)

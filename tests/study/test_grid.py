@@ -207,6 +207,10 @@ def test_names_are_split_and_resolved() -> None:
         ({"organs": ()}, "organ"),
         ({"ablation_bases": (0, 1)}, "bases-ablation"),
         ({"num_gpus": 0}, "num-gpus"),
+        ({"lr": 0.0}, "--lr"),
+        ({"objectives": ()}, "objective"),
+        ({"annotators": ()}, "annotator"),
+        ({"antithetic": True}, "even --train-samples"),
     ],
 )
 def test_spec_validation(kwargs: dict, match: str) -> None:
@@ -224,6 +228,11 @@ def test_spec_round_trips_through_the_saved_file(tmp_path: Path) -> None:
         extra_predictions=(extra,),
         preset="cpu",
         num_cases=5,
+        lr=3e-3,
+        objectives=("mean", "logsumexp"),
+        noises=("block",),
+        annotators=("all", "0"),
+        variants=(grid.RunVariant("lowrank", mc_loss="logsumexp", annotators="all", lr=1e-2),),
     )
     assert grid.load_spec(tmp_path) is None
     path = grid.save_spec(tmp_path, spec)
@@ -360,3 +369,120 @@ def test_every_job_of_the_paper_grid_pickles(tmp_path: Path) -> None:
     plan = expand(StudySpec(extra_predictions=(extra,)))
     back = pickle.loads(pickle.dumps(list(plan)))
     assert back == list(plan)
+
+
+# -- the truth grid ----------------------------------------------------------------------------
+def _tag_by_hand(
+    method: str, mc_loss: str, noise: str, annotators: str, lr: float, epochs: int | None = None
+) -> str:
+    """The run tag of this configuration (its RunConfig; epochs None = the preset's)."""
+    head = HeadConfig(method, noise=noise)
+    loss = LossConfig(mc_loss=mc_loss if method != "deterministic" else "mean")
+    return RunConfig(head=head, loss=loss, lr=lr, epochs=epochs, annotators=annotators).tag()
+
+
+def _truth_tags(lr: float = 1e-4, epochs: int | None = None) -> set[str]:
+    """The 26 configurations of the truth grid, enumerated by hand."""
+    tags = set()
+    for a in ("0", "all"):
+        tags.add(_tag_by_hand("deterministic", "mean", "voxel", a, lr, epochs))
+        for o in ("mean", "logsumexp"):
+            for m in ("diagonal", "lowrank"):
+                tags.add(_tag_by_hand(m, o, "voxel", a, lr, epochs))
+            for m in ("single-basis", "mob"):
+                for n in ("voxel", "block"):
+                    tags.add(_tag_by_hand(m, o, n, a, lr, epochs))
+    return tags
+
+
+def test_truth_grid_counts_and_its_tags_are_the_hand_made_set() -> None:
+    spec = grid.grid_spec("truth", preset="cpu")
+    assert spec.source == "phantom" and spec.seeds == 3 and spec.ablation_bases == ()
+    plan = expand(spec)
+    counts = Counter(j.stage for j in plan)
+    tags = _truth_tags()
+    assert len(tags) == 2 + 4 + 4 + 8 + 8 == 26
+    assert counts["finetune"] == 26 * 3
+    assert counts["predict"] == counts["evaluate"] == 26 * 3 + 1  # + the backbone
+    assert len(plan) == 1 + 1 + 78 + 79 + 79 + 1 == 239
+    got = {j.key for j in plan.by_stage("finetune")}
+    assert got == {f"finetune/pancreas/{t}/seed{s}" for t in tags for s in range(3)}
+    assert "mob-b3-r16-block-lse-annall" in tags and "deterministic-annall" in tags
+
+
+def test_truth_grid_jobs_carry_their_configuration_and_tag() -> None:
+    from mobseg.stages.finetune import run_tag
+
+    plan = expand(grid.grid_spec("truth", preset="cpu", lr=3e-3, epochs=6, seeds=1))
+    fine = plan.by_stage("finetune")
+    assert {j.tag for j in fine} == _truth_tags(3e-3, epochs=6)  # 6 != the cpu preset's 4
+    for job in fine:
+        p = job.params
+        assert run_tag(p, "cpu") == job.tag  # the stage names the run as the study does
+        assert p.lr == 3e-3 and p.epochs == 6  # the deterministic control is trained alike
+        assert p.annotators == ("all" if "-annall" in job.tag else "0")
+        stochastic = p.head.method != "deterministic"
+        assert p.loss.mc_loss == ("logsumexp" if "-lse" in job.tag else "mean")
+        assert ("-lse" in job.tag) <= stochastic
+        assert p.head.noise == ("block" if "-block" in job.tag else "voxel")
+        pk, ek = job.key.replace("finetune", "predict"), job.key.replace("finetune", "evaluate")
+        assert plan[pk].params.run == job.tag and plan[pk].deps == (job.key,)
+        assert plan[ek].params.run == job.tag
+    # every tag carries the non-paper lr and schedule, so none is a paper run
+    assert all("-x" in j.tag for j in fine)
+
+
+def test_truth_grid_options_override_and_shrink_it() -> None:
+    spec = grid.grid_spec(
+        "truth", methods=("deterministic", "mob"), noises=("voxel",), seeds=1, num_cases=12
+    )
+    plan = expand(spec)
+    # deterministic x 2 annotator choices + mob x 2 objectives x 2 annotator choices
+    assert len(plan.by_stage("finetune")) == 2 + 4
+    assert plan["prepare/pancreas"].params.num_cases == 12
+    with pytest.raises(ConfigurationError, match="--source phantom"):
+        grid.grid_spec("truth", source="zenodo")
+    with pytest.raises(UnknownNameError, match="truth"):
+        grid.grid_spec("trut")
+    assert grid.grid_spec("paper") == StudySpec()
+
+
+def test_resolve_choices() -> None:
+    assert grid.resolve_choices(["logsumexp,mean", "mean"], "objective") == ("logsumexp", "mean")
+    assert grid.resolve_choices(None, "noise mode") is None
+    assert grid.resolve_choices(["all"], "annotator choice") == ("all",)
+    with pytest.raises(UnknownNameError, match="logsumexp"):
+        grid.resolve_choices(["lse"], "objective")
+    with pytest.raises(UnknownNameError, match="voxel"):
+        grid.resolve_choices(["global"], "noise mode")  # single-basis only: not a grid axis
+    with pytest.raises(UnknownNameError, match="noise mode"):
+        StudySpec(noises=("voxel", "global"))
+
+
+def test_variants_add_configurations_once() -> None:
+    best = grid.RunVariant("mob", mc_loss="logsumexp", annotators="all", lr=3e-3)
+    control = grid.RunVariant("deterministic", annotators="all", lr=3e-3)
+    paper = grid.RunVariant("mob")  # already in the grid: not a second run
+    spec = StudySpec(
+        organs=("pancreas",), seeds=2, ablation_bases=(), variants=(best, control, paper)
+    )
+    plan = expand(spec)
+    tags = {j.tag for j in plan.by_stage("finetune")}
+    assert len(plan.by_stage("finetune")) == (5 + 2) * 2
+    best_tag = _tag_by_hand("mob", "logsumexp", "voxel", "all", 3e-3)
+    control_tag = _tag_by_hand("deterministic", "mean", "voxel", "all", 3e-3)
+    assert {best_tag, control_tag} <= tags
+    job = plan[f"finetune/pancreas/{best_tag}/seed1"]
+    assert job.params.lr == 3e-3 and job.params.loss.mc_loss == "logsumexp"
+    assert plan[f"finetune/pancreas/{control_tag}/seed0"].params.lr == 3e-3
+    with pytest.raises(UnknownNameError, match="objective"):
+        grid.RunVariant("mob", mc_loss="sum")
+    with pytest.raises(ConfigurationError, match="learning rate"):
+        grid.RunVariant("mob", lr=-1.0)
+
+
+def test_tta_reaches_every_prediction_of_the_grid() -> None:
+    plan = expand(grid.grid_spec("truth", seeds=1, tta=False))
+    preds = plan.by_stage("predict")
+    assert len(preds) == 27 and all(j.params.tta is False for j in preds)
+    assert all(j.params.tta for j in expand(StudySpec(seeds=1)).by_stage("predict"))

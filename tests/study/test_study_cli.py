@@ -55,6 +55,40 @@ def test_paper_dry_run_counts(tmp_path: Path) -> None:
     assert not (tmp_path / "study" / "spec.json").exists()  # a dry run changes nothing
 
 
+def test_truth_grid_dry_run_counts(tmp_path: Path) -> None:
+    result = invoke(tmp_path, "study", "--grid", "truth", "--preset", "cpu", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "finetune") == [78, 0, 0, 0, 78]  # 26 configurations x 3 seeds
+    assert row(result.output, "predict") == [79, 0, 0, 0, 79]
+    assert row(result.output, "all") == [239, 0, 0, 0, 239]
+    for tag in ("deterministic-annall", "mob-b3-r16-block-lse-annall", "diagonal-lse"):
+        assert f" {tag} " in result.output
+    # shrunk: two methods, voxel noise, one seed, all runs at lr 3e-3
+    result = invoke(
+        tmp_path,
+        "study",
+        "--grid",
+        "truth",
+        "--preset",
+        "cpu",
+        "--methods",
+        "deterministic,mob",
+        "--noises",
+        "voxel",
+        "--seeds",
+        "1",
+        "--lr",
+        "3e-3",
+        "--dry-run",
+    )
+    assert result.exit_code == 0, result.output
+    assert row(result.output, "finetune") == [6, 0, 0, 0, 6]
+    total = 1 + 1 + 6 + 7 + 7 + 1  # prepare, pretrain, finetune, predict, evaluate, report
+    assert row(result.output, "all") == [total, 0, 0, 0, total]
+    assert "mob-b3-r16-lse-annall-x" in result.output
+    assert " mob-b3-r16-lse-annall " not in result.output  # the lr is part of every tag
+
+
 def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> None:
     result = runner.invoke(
         app,
@@ -94,6 +128,11 @@ def test_dry_run_of_a_small_grid_lists_the_remaining_keys(tmp_path: Path) -> Non
         (["--slurm-arg", "account"], "KEY=VALUE"),
         (["--save-samples", "-1"], "--save-samples must be >= 0"),
         (["--num-gpus", "0"], "--num-gpus"),
+        (["--grid", "truth", "--source", "zenodo"], "--grid truth needs --source phantom"),
+        (["--grid", "truht"], "Unknown grid"),
+        (["--objectives", "mean,lse"], "logsumexp"),
+        (["--annotators", "1"], "annotator choice"),
+        (["--lr", "0"], "--lr must be > 0"),
     ],
 )
 def test_user_errors_exit_1_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
@@ -212,14 +251,17 @@ def test_demo_dry_run_with_and_without_the_example(
     result = invoke(work, "demo", "--dry-run")
     assert result.exit_code == 0, result.output
     assert "skips the prediction on a real CT" in result.output
-    assert row(result.output, "finetune") == [10, 0, 0, 0, 10]
-    assert row(result.output, "predict") == [11, 0, 0, 0, 11]
-    assert row(result.output, "evaluate") == [11, 0, 0, 0, 11]
+    # five methods and the best configuration with its control, x 2 seeds
+    assert row(result.output, "finetune") == [14, 0, 0, 0, 14]
+    assert row(result.output, "predict") == [15, 0, 0, 0, 15]
+    assert row(result.output, "evaluate") == [15, 0, 0, 0, 15]
+    best, control = _demo_tags()
+    assert f" {best} " in result.output and f" {control} " in result.output
 
     with_ct = invoke(work, "demo", "--dry-run", "--example", str(totalseg_example))
     assert with_ct.exit_code == 0, with_ct.output
     assert str(totalseg_example / "s0000" / "ct.nii.gz") in with_ct.output
-    assert row(with_ct.output, "predict") == [12, 0, 0, 0, 12]
+    assert row(with_ct.output, "predict") == [16, 0, 0, 0, 16]
 
     missing = invoke(work, "demo", "--dry-run", "--example", str(tmp_path / "nothing"))
     assert missing.exit_code == 1
@@ -236,6 +278,35 @@ def test_demo_runs_and_prints_the_report_path(tmp_path: Path, totalseg_example: 
     spec = grid.load_spec(tmp_path)
     assert spec.preset == "cpu" and spec.source == "phantom" and spec.seeds == 1
     assert "predict/pancreas/mob-b3-r16/seed0/s0000" in fakes.calls(tmp_path)
+    best, control = _demo_tags()
+    assert f"finetune/pancreas/{best}/seed0" in fakes.calls(tmp_path)
+    assert f"finetune/pancreas/{control}/seed0" in fakes.calls(tmp_path)
+    # the closing comparison: the paper's mob, the best configuration and its control
+    assert "the best configuration beside the paper's" in result.output
+    for tag in ("mob-b3-r16", best, control):
+        assert tag in result.output
+
+
+def _demo_tags() -> tuple[str, str]:
+    """Tags of the demo's best configuration and its control, as the finetune stage names them."""
+    from mobseg.core.config import HeadConfig, LossConfig
+    from mobseg.stages.finetune import FinetuneParams, run_tag
+    from mobseg.study.demo import DEMO_BEST
+
+    best = FinetuneParams(
+        "pancreas",
+        head=HeadConfig(DEMO_BEST.method),
+        loss=LossConfig(mc_loss=DEMO_BEST.mc_loss),
+        lr=DEMO_BEST.lr,
+        annotators=DEMO_BEST.annotators,
+    )
+    control = FinetuneParams(
+        "pancreas",
+        head=HeadConfig("deterministic"),
+        lr=DEMO_BEST.lr,
+        annotators=DEMO_BEST.annotators,
+    )
+    return run_tag(best, "cpu"), run_tag(control, "cpu")
 
 
 @pytest.mark.parametrize("name", ["study", "demo", "status"])
