@@ -218,6 +218,18 @@ class LogitDistribution:
         """
         raise NotImplementedError
 
+    def difference_variance(self) -> Tensor:
+        """(B, *sp) var(eta_1 - eta_0) of a two-class distribution, per voxel.
+
+        The exact variance of the logit difference, the only second moment that
+        softmax over two classes depends on: Sigma_00 + Sigma_11 - 2 Sigma_01
+        (subclasses compute it without building the C x C covariance).
+        """
+        if self.num_classes != 2:
+            raise ValueError(f"difference_variance needs C = 2, got C = {self.num_classes}")
+        cov = self.voxel_covariance()
+        return (cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]).clamp_min(0)
+
     def dense_covariance(self, max_dim: int = DENSE_MAX_DIM) -> Tensor:
         """(B, C*N, C*N) the full covariance of the flattened logits (tiny inputs only).
 
@@ -281,6 +293,11 @@ class DeterministicLogits(LogitDistribution):
     def voxel_covariance(self) -> Tensor:
         return _diag_embed_last(torch.zeros_like(self.mu))
 
+    def difference_variance(self) -> Tensor:
+        if self.num_classes != 2:
+            return super().difference_variance()
+        return torch.zeros_like(self.mu[:, 0])
+
     def logit_variance(self) -> Tensor:
         return torch.zeros_like(self.mu)
 
@@ -314,6 +331,11 @@ class DiagonalLogits(LogitDistribution):
 
     def voxel_covariance(self) -> Tensor:
         return _diag_embed_last(self.variance)
+
+    def difference_variance(self) -> Tensor:
+        if self.num_classes != 2:
+            return super().difference_variance()
+        return self.variance.sum(1)
 
     def _dense_covariance(self) -> Tensor:
         return self._dense(None, None, self.variance)
@@ -392,6 +414,14 @@ class LowRankLogits(LogitDistribution):
         with _no_autocast(self.device):
             low = torch.einsum("bcr...,bdr...->b...cd", self.factor, self.factor)
             return low + _diag_embed_last(self.variance)
+
+    def difference_variance(self) -> Tensor:
+        """D_0 + D_1 + sum_r (P_1r - P_0r)^2 per voxel (the rows' difference)."""
+        if self.num_classes != 2:
+            return super().difference_variance()
+        with _no_autocast(self.device):
+            diff = self.factor[:, 1] - self.factor[:, 0]  # (B, R, *sp)
+            return self.variance.sum(1) + diff.square().sum(1)
 
     def factor_matrix(self) -> Tensor:
         """(B, C*N, R) P with row ``c*N + n`` = factor[b, c, :, n]."""
@@ -642,6 +672,15 @@ class _BasisLogits(LogitDistribution):
             pairs = self._pairs()
             diag = [pairs.index((c, c)) for c in range(self.num_classes)]
             return s[:, diag] + self.variance
+
+    def difference_variance(self) -> Tensor:
+        """(b_1 - b_0)^T diag(a_n^2) (b_1 - b_0) + d_0 + d_1 with the voxel's block basis."""
+        if self.num_classes != 2:
+            return super().difference_variance()
+        with _no_autocast(self.device):
+            diff = self.block_bases[:, :, 1:2, :] - self.block_bases[:, :, 0:1, :]  # (B, P, 1, R)
+            low = block_matvec(diff.square(), self.coeffs, self.partition, square=True)
+            return low[:, 0] + self.variance.sum(1)
 
     def voxel_covariance(self) -> Tensor:
         with _no_autocast(self.device):

@@ -57,11 +57,11 @@ def marginal_parameters(dist: LogitDistribution) -> Tensor:
     """
     mu = dist.mean.float()
     c = mu.shape[1]
-    cov = dist.voxel_covariance().float()  # (B, *sp, C, C)
     if c == 2:
         diff = mu[:, 1:2] - mu[:, 0:1]
-        var = (cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]).clamp_min(0)
+        var = dist.difference_variance().float().clamp_min(0)
         return torch.cat([diff, var.unsqueeze(1)], dim=1)
+    cov = dist.voxel_covariance().float()  # (B, *sp, C, C)
     rows, cols = _triu(c)
     entries = cov[..., rows, cols]  # (B, *sp, T)
     return torch.cat([mu, entries.movedim(-1, 1)], dim=1)

@@ -115,3 +115,14 @@ def test_argument_errors() -> None:
         multiclass_maps(torch.zeros(3, 2, 2), torch.zeros(3, 3, 2, 3))
     with pytest.raises(ValueError, match="at least 2 classes"):
         num_parameter_channels(1)
+
+
+@pytest.mark.parametrize(("method", "opts"), VARIANTS, ids=[variant_id(*v) for v in VARIANTS])
+def test_difference_variance_equals_the_covariance_formula(method: str, opts: dict) -> None:
+    """Each distribution's own var(eta_1 - eta_0) = Sigma_00 + Sigma_11 - 2 Sigma_01, exactly."""
+    dist = _dist(method, opts, 2, spatial=(5, 3, 6), seed=2)
+    cov = dist.voxel_covariance()
+    ref = cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]
+    torch.testing.assert_close(dist.difference_variance(), ref, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="C = 2"):
+        _dist(method, opts, 3).difference_variance()

@@ -94,6 +94,10 @@ class StubDist:
         dev = (self.samples - self.samples.mean(0, keepdim=True)).movedim(2, -1)  # (k, B, *sp, C)
         return torch.einsum("k...i,k...j->...ij", dev, dev) / self.samples.shape[0]
 
+    def difference_variance(self) -> torch.Tensor:
+        cov = self.voxel_covariance()
+        return cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]
+
     def rsample(self, k: int, generator: Any = None, antithetic: bool = False) -> torch.Tensor:
         assert self.samples is not None
         self.log.append(k)
