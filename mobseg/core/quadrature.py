@@ -26,9 +26,9 @@ Carlo, no sample count), accurate for every m and s, from a point mass
   closed form E[Phi(d / c)] = Phi(m / sqrt(c^2 + s^2)) (B = 1 for p and p^2,
   0 for H) and the remainder r decays like (|d| + 1) e^-|d|. E[r(d)] is the
   integral of r(d) N(d; m, s^2), analytic in the strip |Im d| < pi, so the
-  trapezoidal rule on fixed nodes d_j = 0.75 j, |d_j| <= T = 24 (65 nodes)
-  converges exponentially; r(d_j) is computed once and each voxel costs
-  one exponential per node.
+  trapezoidal rule on fixed nodes d_j = 0.75 j, |d_j| <= T = 20 (55 nodes)
+  converges exponentially; r(d_j) is computed once, each voxel costs one
+  exponential per node, and the sums over nodes are one matrix product.
 
 Measured maximum absolute error against ``scipy.integrate.quad`` over
 m in [-40, 35], s in [0, 100] (float64): below 3e-8 for E[p], E[p^2] and E[H]
@@ -50,8 +50,10 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-#: |d| beyond which the remainders of the wide rule are neglected (<= 25 e^-24 = 1e-9).
-SATURATION = 24.0
+#: |d| beyond which the remainders of the wide rule are neglected (<= 21 e^-20 = 4.3e-8).
+SATURATION = 20.0
+#: Elements of one (nodes x voxels) weight matrix of the wide rule.
+WIDE_ELEMENTS = 2**21
 #: Step of the wide rule's trapezoidal nodes in d, and the scale c of its smooth part.
 TRAPEZOID_STEP = 0.75
 PROBIT_SCALE = 1.7
@@ -156,18 +158,23 @@ def _hermite(m: Tensor, s: Tensor, sums: _Sums, n: int) -> None:
 
 
 def _wide(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """E[p], E[p^2], E[H] for s > HERMITE_MAX_STD (see the module docstring)."""
+    """E[p], E[p^2], E[H] for s > HERMITE_MAX_STD (see the module docstring).
+
+    The Gaussian weights of all nodes are one (nodes, voxels) matrix per slice of
+    voxels, and the three sums over nodes one matrix product with the remainders.
+    """
     d, r = _trapezoid_rule(m.dtype, m.device)
-    inv = 1.0 / s
-    base = _normal_cdf(m * torch.rsqrt(s * s + PROBIT_SCALE**2))
-    sums = [base.clone(), base.clone(), torch.zeros_like(m)]
-    scale = inv * (TRAPEZOID_STEP / math.sqrt(2 * math.pi))
-    for j, dj in enumerate(d.tolist()):
-        z = (dj - m).mul_(inv)
-        g = z.square_().mul_(-0.5).exp_().mul_(scale)
-        for acc, rj in zip(sums, r[:, j].tolist(), strict=True):
-            acc.add_(g, alpha=rj)
-    return sums[0], sums[1], sums[2]
+    out = torch.empty((3, m.numel()), dtype=m.dtype, device=m.device)
+    step = max(1, WIDE_ELEMENTS // d.numel())
+    log_norm = math.log(TRAPEZOID_STEP / math.sqrt(2 * math.pi))
+    for start in range(0, m.numel(), step):
+        mm, ss = m[start : start + step], s[start : start + step]
+        z = (d[:, None] - mm[None, :]).div_(ss[None, :])  # (J, n)
+        g = torch.addcmul((log_norm - ss.log())[None, :], z, z, value=-0.5).exp_()
+        part = out[:, start : start + step]
+        torch.matmul(r, g, out=part)
+        part[:2] += _normal_cdf(mm * torch.rsqrt(ss * ss + PROBIT_SCALE**2))
+    return out[0], out[1], out[2]
 
 
 def _chunk(m: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
