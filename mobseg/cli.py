@@ -17,17 +17,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from mobseg import progress
+from mobseg import __version__, progress
 from mobseg.errors import ConfigurationError, MobsegError
 from mobseg.workspace import WORKDIR_ENV, Workspace
 
+#: Global flags that take no value: accepted after the command too
+#: (``mobseg status -q`` is ``mobseg -q status``).
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose", "--debug")
+
+
+class _GlobalFlagsGroup(TyperGroup):
+    """The top-level group: moves global flags given after the command before it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            head, tail = args[:cut], args[cut:]
+        else:
+            head, tail = args, []
+        flags = [a for a in head if a in GLOBAL_FLAGS]
+        rest = [a for a in head if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + rest + tail)
+
+
 app = typer.Typer(
     name="mobseg",
+    cls=_GlobalFlagsGroup,
     help=(
         "Segmentation with structured, trustworthy uncertainty: the mixture-of-bases "
         "study (Kampen, Aspe et al., NLDL 2026) on nnU-Net v2.\n\n"
@@ -91,6 +114,12 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"mobseg {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     workdir: Annotated[
@@ -108,8 +137,14 @@ def main_options(
         bool, typer.Option("--quiet", "-q", help="Only errors and results; no progress bars.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    """Global options, valid before any command."""
+    """Global options. -q, -v and --debug may also follow the command."""
     state.workdir = workdir
     state.debug = debug
     state.verbosity = 0 if quiet else (2 if verbose else 1)
@@ -943,7 +978,15 @@ def demo(
             "skipped with a note when absent.",
         ),
     ] = None,
-    jobs: StudyJobsOpt = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Jobs at once in worker processes, each pinned to its own GPU when several "
+            "exist (default 1: in this process).",
+        ),
+    ] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per method.")] = 2,
     cases: Annotated[int | None, typer.Option(help="Phantom cases (default 32).")] = None,
     size: Annotated[int | None, typer.Option(help="Phantom edge length (default 64).")] = None,
@@ -1001,6 +1044,75 @@ def demo(
     out.print(f"[bold green]Report:[/] {path}", highlight=False)
 
 
+def _short_time(stamp: str | None) -> str:
+    """``2026-11-28T07:44:46+00:00`` as ``11-28 07:44`` (the record's own zone)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp or "").strftime("%m-%d %H:%M")
+    except ValueError:
+        return stamp or "-"
+
+
+def _took(started: str | None, finished: str | None) -> str:
+    """Wall time between two ISO stamps: ``42s``, ``6m05s``, ``3h12m``; ``-`` when unknown."""
+    from datetime import datetime
+
+    try:
+        seconds = int(
+            (
+                datetime.fromisoformat(finished or "") - datetime.fromisoformat(started or "")
+            ).total_seconds()
+        )
+    except (ValueError, TypeError):
+        return "-"
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _render_records(records: dict[str, Any], path: Path, outdated_inputs: Any) -> None:
+    """``status --records``: one row per stage run, readable in 80 columns.
+
+    The short columns keep their width and the key folds only when longer than
+    what is left (about 40 characters); errors and notes, whose length is
+    unbounded, are listed under the table as ``key (status): text`` lines.
+    """
+    table = Table(
+        title=f"manifest: {path}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+    )
+    table.add_column("key", overflow="fold")
+    table.add_column("status", no_wrap=True, min_width=8)
+    table.add_column("tries", justify="right", no_wrap=True, min_width=5)
+    table.add_column("started", no_wrap=True, min_width=11)
+    table.add_column("took", justify="right", no_wrap=True, min_width=6)
+    colours = {"done": "green", "running": "yellow", "failed": "red", "outdated": "magenta"}
+    notes: list[str] = []
+    for rec in records.values():
+        changed = outdated_inputs(rec, records) if rec.done else []
+        shown = "outdated" if changed else rec.status
+        colour = colours.get(shown, "white")
+        note = f"{', '.join(changed)} ran again since" if changed else (rec.error or "")
+        if note:
+            notes.append(f"{escape(rec.key)} ([{colour}]{shown}[/]): {escape(note)}")
+        table.add_row(
+            escape(rec.key),
+            f"[{colour}]{shown}[/]",
+            str(rec.attempts),
+            _short_time(rec.started),
+            _took(rec.started, rec.finished),
+        )
+    out.print(table)
+    for line in notes:
+        out.print(line, highlight=False)
+
+
 @app.command()
 def status(
     records_view: Annotated[
@@ -1021,23 +1133,7 @@ def status(
             if not records:
                 out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")
                 return
-            table = Table(title=f"mobseg manifest: {ws.manifest_path}")
-            for col in ("key", "status", "attempts", "started", "finished", "error / note"):
-                table.add_column(col, overflow="fold")
-            colours = {"done": "green", "running": "yellow", "failed": "red", "outdated": "magenta"}
-            for rec in records.values():
-                changed = outdated_inputs(rec, records) if rec.done else []
-                shown = "outdated" if changed else rec.status
-                note = f"{', '.join(changed)} ran again since" if changed else (rec.error or "")
-                table.add_row(
-                    rec.key,
-                    f"[{colours.get(shown, 'white')}]{shown}[/]",
-                    str(rec.attempts),
-                    rec.started,
-                    rec.finished or "-",
-                    note,
-                )
-            out.print(table)
+            _render_records(records, ws.manifest_path, outdated_inputs)
             return
         from mobseg.study import grid
 

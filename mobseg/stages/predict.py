@@ -257,7 +257,7 @@ def run(
     else:
         source = manifest.require(
             finetune_key(params.organ, tag, seed),
-            finetune_command(params.organ, params.head.method, seed),
+            finetune_command(params.organ, params.head.method, seed, params.head),
         )
         checkpoint = Path(source.outputs["checkpoint_best"])
         recorded = source.params.get("head")
