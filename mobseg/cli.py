@@ -316,6 +316,55 @@ def pretrain(
 
 
 @app.command()
+def adopt(
+    organ: OrganOpt,
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="nnU-Net's results folder of a trained model: "
+            "nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION.",
+        ),
+    ],
+    fold: Annotated[str, typer.Option(help="The fold whose checkpoint to use (0-4 or all).")] = "0",
+    checkpoint: Annotated[
+        str, typer.Option(help="Checkpoint file in fold_<fold>.")
+    ] = "checkpoint_final.pth",
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="The organ's label (name or value) in the model's dataset.json, for a model "
+            "with several labels; mobseg fine-tunes a binary head for it."
+        ),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="Fine-tuning protocol of the later stages: paper, cpu or micro.")
+    ] = "paper",
+    force: ForceOpt = False,
+) -> None:
+    """Use a trained nnU-Net v2 model as the organ's backbone (instead of pretrain).
+
+    Checks plans.json, dataset.json and the checkpoint, preprocesses the organ's
+    prepared data with the model's plans, and records the backbone that
+    finetune, predict and evaluate use.
+    """
+    from mobseg.stages import adopt as stage
+
+    def go() -> Any:
+        params = stage.AdoptParams(
+            organ=_organ(organ),
+            model=model,
+            fold=fold,
+            checkpoint=checkpoint,
+            label=label,
+            preset=preset,
+        )
+        return stage.run(workspace(), params, force=force)
+
+    _print_record(guarded(go))
+
+
+@app.command()
 def finetune(
     organ: OrganOpt,
     method: MethodOpt = "mob",

@@ -13,7 +13,7 @@ from mobseg.cli import app
 from mobseg.manifest import Manifest, StageRecord
 
 runner = CliRunner()
-COMMANDS = ("prepare", "pretrain", "finetune", "predict", "evaluate", "report", "status")
+COMMANDS = ("prepare", "pretrain", "adopt", "finetune", "predict", "evaluate", "report", "status")
 
 
 def test_help_lists_every_command() -> None:

@@ -62,6 +62,35 @@ DATASET_JSON = {
 }
 
 
+def model_folder(
+    root: Path,
+    labels: dict[str, object] | None = None,
+    classes: int | None = None,
+    plans: dict | None = None,
+    name: str = "nnUNetTrainer__microPlans__3d_fullres",
+    seed: int = 0,
+) -> Path:
+    """An nnU-Net results folder (plans.json, dataset.json, fold_0's checkpoint) of the
+    micro plans, with random weights for ``classes`` outputs (default: the labels)."""
+    labels = labels or {"background": 0, "pancreas": 1}
+    plans = plans or micro_plans()
+    folder = root / "Dataset990_micro" / name
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    dataset = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    from mobseg.nnunet.network import build_backbone
+
+    torch.manual_seed(seed)
+    pm, cm = managers(plans)
+    net = build_backbone(pm, cm, 1, classes or len(labels), deep_supervision=True)
+    torch.save(
+        {"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 7},
+        folder / "fold_0" / "checkpoint_final.pth",
+    )
+    return folder
+
+
 def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:
     """nnU-Net's PlansManager and the 3d_fullres ConfigurationManager of ``plans``
     (default: :func:`micro_plans`)."""

@@ -1,0 +1,150 @@
+"""``mobseg adopt``: a model trained by nnU-Net's own trainer becomes the backbone.
+
+The slow test trains a micro model with ``nnUNetTrainer`` itself (instantiated
+directly, as nnU-Net's command would after looking it up), adopts its results
+folder through the CLI, fine-tunes a mob head and predicts. The other adopts a
+two-label model derived from it and checks the binary backbone against the
+trained one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from nnunet_testlib import model_folder
+from typer.testing import CliRunner
+
+from mobseg.cli import app
+from mobseg.errors import MissingStageError
+from mobseg.manifest import Manifest
+from mobseg.stages import adopt
+from mobseg.workspace import Workspace
+
+runner = CliRunner()
+HEAD = ["--method", "mob", "--rank", "4", "--bases", "2", "--partitions", "2", "--samples", "3"]
+TAG = "mob-b2-r4-p2-k3"
+
+
+def _ok(work: Path, *args: str) -> str:
+    result = runner.invoke(app, ["--workdir", str(work), "--quiet", *args])
+    assert result.exit_code == 0, (args, result.output, result.exception)
+    return result.output
+
+
+def _train_with_nnunet(work: Path) -> Path:
+    """Prepare a 6-case phantom, plan it (micro plan) and train nnU-Net's own trainer."""
+    phantom = ["--source", "phantom", "--num-cases", "6", "--size", "32"]
+    _ok(work, "prepare", "--organ", "pancreas", *phantom)
+    from mobseg.nnunet.context import prepared_dataset
+    from mobseg.nnunet.env import setup_nnunet
+    from mobseg.nnunet.planning import plan_and_preprocess
+    from mobseg.nnunet.presets import get_preset
+
+    ws = Workspace(work)
+    preset = get_preset("micro")
+    setup_nnunet(ws, preset)
+    _, data = prepared_dataset(Manifest(ws.manifest_path), "pancreas")
+    split = {"train": data.splits["train"], "val": data.splits["val"]}
+    planned = plan_and_preprocess(data.dataset_id, data.dataset_name, preset.plan, 1, split)
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    plans = json.loads(planned.plans_file.read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((planned.plans_file.parent / "dataset.json").read_text())
+    trainer = nnUNetTrainer(
+        plans=plans,
+        configuration=planned.configuration,
+        fold=0,
+        dataset_json=dataset_json,
+        device=torch.device("cpu"),
+    )
+    assert type(trainer) is nnUNetTrainer
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 2
+    trainer.num_val_iterations_per_epoch = 1
+    trainer.run_training()
+    folder = Path(trainer.output_folder_base)
+    assert folder.name == f"nnUNetTrainer__{planned.plans_identifier}__3d_fullres"
+    return folder
+
+
+@pytest.mark.slow
+def test_adopt_a_model_trained_by_nnunet_then_finetune_and_predict(tmp_path: Path) -> None:
+    work = tmp_path / "work"
+    model = _train_with_nnunet(work)
+    # a user's copy of the results folder, outside mobseg's workdir
+    mine = tmp_path / "nnUNet_results" / model.parent.name / model.name
+    shutil.copytree(model, mine)
+    _ok(work, "adopt", "--organ", "pancreas", "--model", str(mine), "--preset", "micro")
+    manifest = Manifest(work / "manifest.json")
+    rec = manifest.require("pretrain/pancreas", "x")
+    assert rec.outputs["adopted_from"] == str(mine)
+    assert rec.outputs["trainer_class"] == "nnUNetTrainer"
+    assert rec.outputs["plans_identifier"] == f"mobsegAdopted_{model.name.split('__')[1]}"
+    # the backbone is the trained model's weights, unchanged
+    ours = torch.load(rec.outputs["checkpoint"], weights_only=False)["network_weights"]
+    theirs = torch.load(mine / "fold_0" / "checkpoint_final.pth", weights_only=False)
+    assert ours.keys() == theirs["network_weights"].keys()
+    assert all(torch.equal(ours[k], theirs["network_weights"][k]) for k in ours)
+    # adopting again is a no-op; the same preprocessed data serve fine-tuning
+    _ok(work, "adopt", "--organ", "pancreas", "--model", str(mine), "--preset", "micro")
+    assert manifest.require("pretrain/pancreas", "x").finished == rec.finished
+
+    _ok(work, "finetune", "--organ", "pancreas", *HEAD, "--device", "cpu")
+    _ok(work, "predict", "--organ", "pancreas", "--run", TAG, "--samples", "4", "--device", "cpu")
+    pred = manifest.require(f"predict/pancreas/{TAG}/seed0", "x")
+    prep = manifest.require("prepare/pancreas", "x").outputs
+    for case in pred.outputs["cases"]:
+        ref = sitk.ReadImage(str(Path(prep["raw_dir"]) / "imagesTs" / f"{case}_0000.nii.gz"))
+        prob = sitk.ReadImage(str(Path(pred.outputs["pred_dir"]) / f"{case}_prob.nii.gz"))
+        assert prob.GetSize() == ref.GetSize() and prob.GetSpacing() == ref.GetSpacing()
+        p = sitk.GetArrayFromImage(prob)
+        assert np.isfinite(p).all() and p.min() >= 0 and p.max() <= 1
+
+    # a two-label model: liver (1) and pancreas (2); the organ's rows are the trained ones
+    two = tmp_path / "nnUNet_results" / "Dataset991_two" / model.name
+    shutil.copytree(model, two)
+    ds = json.loads((two / "dataset.json").read_text())
+    ds["labels"] = {"background": 0, "liver": 1, "pancreas": 2}
+    (two / "dataset.json").write_text(json.dumps(ds))
+    state = dict(theirs["network_weights"])
+    for k, v in list(state.items()):
+        if ".seg_layers." in k:
+            state[k] = torch.cat([v[:1], torch.randn_like(v[:1]), v[1:]])
+    torch.save({**theirs, "network_weights": state}, two / "fold_0" / "checkpoint_final.pth")
+    result = runner.invoke(
+        app, ["--workdir", str(work), "adopt", "--organ", "spleen", "--model", str(two)]
+    )
+    assert result.exit_code == 1  # no prepared spleen, but first: the label is not named
+    assert "none is named 'spleen'" in result.output and "--label" in result.output
+    _ok(work, "adopt", "--organ", "pancreas", "--model", str(two), "--preset", "micro")
+    rec2 = manifest.require("pretrain/pancreas", "x")
+    assert (rec2.outputs["label"], rec2.outputs["label_value"], rec2.outputs["num_classes"]) == (
+        "pancreas",
+        2,
+        3,
+    )
+    binary = torch.load(rec2.outputs["checkpoint"], weights_only=False)["network_weights"]
+    assert all(torch.equal(binary[k], theirs["network_weights"][k]) for k in binary)
+    # the fine-tuned run was built on the other backbone: it is redone on this one
+    _ok(work, "finetune", "--organ", "pancreas", *HEAD, "--device", "cpu")
+    assert manifest.require(f"finetune/pancreas/{TAG}/seed0", "x").finished > rec2.finished
+
+
+def test_adopt_checks_the_model_then_needs_the_organs_prepared_data(tmp_path: Path) -> None:
+    ws = Workspace(tmp_path / "work").ensure()
+    folder = model_folder(tmp_path)
+    with pytest.raises(MissingStageError, match="mobseg prepare --organ pancreas"):
+        adopt.run(ws, adopt.AdoptParams("pancreas", folder, preset="micro"))
+    # the model's own problems come first, before any data is looked at
+    from mobseg.errors import InvalidInputError
+
+    with pytest.raises(InvalidInputError, match="no fold 1"):
+        adopt.run(ws, adopt.AdoptParams("pancreas", folder, fold="1", preset="micro"))
+    assert not (ws.root / "nnunet" / "adopted").exists()
+    assert Manifest(ws.manifest_path).get("pretrain/pancreas") is None
