@@ -8,8 +8,11 @@ works on the adopted model as on one mobseg pretrained.
 
 Fine-tuning needs the organ's data preprocessed *with the model's plans*:
 ``run`` takes the dataset ``mobseg prepare`` wrote for the organ (any of its
-sources), copies the model's plans into that dataset's preprocessed folder
-under the identifier ``mobsegAdopted_<plans>`` and runs nnU-Net's
+sources; without one, the model's own raw dataset ``$nnUNet_raw/<dataset>``
+when the user's ``nnUNet_raw`` holds it, prepared first as by
+``mobseg prepare --source <that folder>``), copies the model's plans into
+that dataset's preprocessed folder under the identifier
+``mobsegAdopted_<plans>`` and runs nnU-Net's
 preprocessing of the model's configuration on it (skipped when already done
 for the same plans). A model with several labels gives a binary backbone for
 the organ's label (:func:`mobseg.nnunet.adopt.binary_weights`), written to
@@ -31,7 +34,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mobseg.errors import ConfigurationError
+from mobseg.errors import ConfigurationError, MissingStageError
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.nnunet.presets import get_preset
 from mobseg.stages.keys import pretrain_key
@@ -93,7 +96,17 @@ def run(ws: Workspace, params: AdoptParams, force: bool = False) -> StageRecord:
     fold: int | str = int(params.fold) if str(params.fold).isdigit() else str(params.fold)
     model = read_model_folder(params.model, params.organ, fold, params.checkpoint, params.label)
     manifest = Manifest(ws.manifest_path)
-    prep_rec, data = prepared_dataset(manifest, params.organ)
+    try:
+        prep_rec, data = prepared_dataset(manifest, params.organ)
+    except MissingStageError:
+        raw = users_raw_dataset(str(model.plans.get("dataset_name", "")))
+        if raw is None:
+            raise
+        from mobseg.stages import prepare
+
+        log.info("preparing %s from the model's nnU-Net raw dataset %s", params.organ, raw)
+        prepare.run(ws, prepare.PrepareParams(organ=params.organ, source=str(raw)))
+        prep_rec, data = prepared_dataset(manifest, params.organ)
     key = pretrain_key(params.organ)
     old = manifest.get(key)
     force = force or manifest.stale(old)
@@ -115,6 +128,16 @@ def run(ws: Workspace, params: AdoptParams, force: bool = False) -> StageRecord:
     rec = manifest.get(key)
     assert rec is not None
     return rec
+
+
+def users_raw_dataset(dataset_name: str) -> Path | None:
+    """The model's own raw dataset, ``$nnUNet_raw/<dataset_name>``, when the user set
+    ``nnUNet_raw`` and it holds the dataset (with ``dataset.json`` and ``imagesTr``)."""
+    root = os.environ.get("nnUNet_raw")
+    if not root or not dataset_name:
+        return None
+    path = Path(root) / dataset_name
+    return path if (path / "dataset.json").is_file() and (path / "imagesTr").is_dir() else None
 
 
 def _digest(path: Path) -> str:

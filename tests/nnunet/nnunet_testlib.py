@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -89,6 +91,33 @@ def model_folder(
         folder / "fold_0" / "checkpoint_final.pth",
     )
     return folder
+
+
+def nnunet_raw_dataset(
+    root: Path, n: int = 5, name: str = "Dataset123_Two"
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """imagesTr/labelsTr with labels liver (1) and pancreas (2), 12^3 voxels of 2 mm."""
+    ds = root / name
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    labels = {}
+    for i in range(n):
+        case = f"abdomen_{i:03d}"
+        ct = sitk.GetImageFromArray(rng.normal(0, 100, (12, 12, 12)).astype(np.int16))
+        ct.SetSpacing((2.0, 2.0, 2.0))
+        ct.SetOrigin((float(i), -3.0, 5.0))
+        lab = np.zeros((12, 12, 12), np.uint8)
+        lab[2:5, 3:9, 3:9] = 1
+        lab[6 : 8 + i % 3, 4:8, 4:8] = 2
+        img = sitk.GetImageFromArray(lab)
+        img.CopyInformation(ct)
+        sitk.WriteImage(ct, str(ds / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(img, str(ds / "labelsTr" / f"{case}.nii.gz"))
+        labels[case] = lab
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "pancreas": 2}}
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}))
+    return ds, labels
 
 
 def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from nnunet_testlib import model_folder
+from nnunet_testlib import model_folder, nnunet_raw_dataset
 from typer.testing import CliRunner
 
 from mobseg.cli import app
@@ -25,6 +25,8 @@ from mobseg.errors import MissingStageError
 from mobseg.manifest import Manifest
 from mobseg.stages import adopt
 from mobseg.workspace import Workspace
+
+LABELS3 = {"background": 0, "liver": 1, "pancreas": 2}
 
 runner = CliRunner()
 HEAD = ["--method", "mob", "--rank", "4", "--bases", "2", "--partitions", "2", "--samples", "3"]
@@ -148,3 +150,31 @@ def test_adopt_checks_the_model_then_needs_the_organs_prepared_data(tmp_path: Pa
         adopt.run(ws, adopt.AdoptParams("pancreas", folder, fold="1", preset="micro"))
     assert not (ws.root / "nnunet" / "adopted").exists()
     assert Manifest(ws.manifest_path).get("pretrain/pancreas") is None
+
+
+def test_adopt_prepares_the_models_own_raw_dataset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the user's nnU-Net folders hold the model's raw dataset (liver 1, pancreas 2)
+    raw_root = tmp_path / "nnUNet_raw"
+    raw, labels = nnunet_raw_dataset(raw_root, n=5, name="Dataset990_micro")
+    monkeypatch.setenv("nnUNet_raw", str(raw_root))
+    monkeypatch.setenv("nnUNet_preprocessed", str(tmp_path / "nnUNet_preprocessed"))
+    folder = model_folder(tmp_path / "nnUNet_results", LABELS3)
+    ws = Workspace(tmp_path / "work").ensure()
+    rec = adopt.run(ws, adopt.AdoptParams("pancreas", folder, preset="micro"))
+    manifest = Manifest(ws.manifest_path)
+    prep = manifest.require("prepare/pancreas", "x")
+    assert prep.outputs["source"] == "nnunet" and prep.outputs["source_dir"] == str(raw.resolve())
+    assert rec.inputs["prepare"] == "prepare/pancreas"
+    assert (rec.outputs["label"], rec.outputs["label_value"]) == ("pancreas", 2)
+    # preprocessed with the model's plans, for every training and validation case
+    marker = json.loads(
+        (
+            Path(rec.outputs["plans_file"]).parent
+            / "mobseg_mobsegAdopted_microPlans_3d_fullres.json"
+        ).read_text()
+    )
+    splits = json.loads(Path(prep.outputs["splits_json"]).read_text())
+    assert sorted(marker["cases"]) == sorted(splits["train"] + splits["val"])
+    assert Path(marker["preprocessed_dir"]).name == "mobsegAdopted_microPlans_3d_fullres"
