@@ -202,6 +202,9 @@ def test_status_on_a_missing_workdir_creates_nothing(tmp_path: Path) -> None:
 
 
 def test_error_hint_repeats_the_head_options(tmp_path: Path) -> None:
+    Manifest(tmp_path / "manifest.json").put(
+        StageRecord(stage="prepare", key="prepare/pancreas", status="done")
+    )
     result = runner.invoke(
         app,
         ["--workdir", str(tmp_path), "evaluate", "--organ", "pancreas", "--method", "mob"]
