@@ -30,6 +30,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,7 @@ def _adopt(ws: Workspace, params: AdoptParams, model: Any, data: Any, preset: An
     import torch
 
     from mobseg.nnunet.adopt import binary_weights, check_weights
-    from mobseg.nnunet.planning import ensure_splits, preprocess
+    from mobseg.nnunet.planning import ensure_splits, extract_fingerprint, preprocess
 
     raw_json = json.loads((data.raw_dir / "dataset.json").read_text(encoding="utf-8"))
     fg = [n for n, v in raw_json.get("labels", {}).items() if v != 0]
@@ -189,6 +190,14 @@ def _adopt(ws: Workspace, params: AdoptParams, model: Any, data: Any, preset: An
     dataset_json_file = pre / "dataset.json"
     dataset_json_file.write_text(json.dumps(raw_json, indent=1), encoding="utf-8")
     ensure_splits(data.dataset_name, {"train": data.splits["train"], "val": data.splits["val"]})
+    # nnU-Net's trainer copies the dataset's fingerprint into its output at the start
+    fingerprint = pre / "dataset_fingerprint.json"
+    if not fingerprint.is_file():
+        own = model.folder / "dataset_fingerprint.json"
+        if own.is_file():
+            shutil.copyfile(own, fingerprint)
+        else:
+            extract_fingerprint(data.dataset_id, data.dataset_name, 1)
     marker = pre / f"mobseg_{plans_id}_{model.configuration}.json"
     digest = hashlib.sha256(
         (plans_text + json.dumps(raw_json, sort_keys=True)).encode()

@@ -178,3 +178,8 @@ def test_adopt_prepares_the_models_own_raw_dataset(
     splits = json.loads(Path(prep.outputs["splits_json"]).read_text())
     assert sorted(marker["cases"]) == sorted(splits["train"] + splits["val"])
     assert Path(marker["preprocessed_dir"]).name == "mobsegAdopted_microPlans_3d_fullres"
+    # nnU-Net's trainer needs the fingerprint (the model folder has none: extracted)
+    fingerprint = json.loads(
+        (Path(rec.outputs["plans_file"]).parent / "dataset_fingerprint.json").read_text()
+    )
+    assert len(fingerprint["spacings"]) == len(splits["train"]) + len(splits["val"])
