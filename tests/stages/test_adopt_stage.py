@@ -183,3 +183,79 @@ def test_adopt_prepares_the_models_own_raw_dataset(
         (Path(rec.outputs["plans_file"]).parent / "dataset_fingerprint.json").read_text()
     )
     assert len(fingerprint["spacings"]) == len(splits["train"]) + len(splits["val"])
+
+
+def _users_nnunet_dataset(root: Path, scratch: Path) -> Path:
+    """A user's nnU-Net raw dataset (imagesTr/labelsTr, every case labelled) of the phantom."""
+    phantom = ["--source", "phantom", "--num-cases", "6", "--size", "32"]
+    _ok(scratch, "prepare", "--organ", "pancreas", *phantom)
+    raw = Path(
+        Manifest(scratch / "manifest.json").require("prepare/pancreas", "x").outputs["raw_dir"]
+    )
+    ds = root / "Dataset777_Pancreas"
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    for split in ("Tr", "Ts"):
+        for img in sorted((raw / f"images{split}").glob("*_0000.nii.gz")):
+            case = img.name[: -len("_0000.nii.gz")]
+            shutil.copy(img, ds / "imagesTr" / img.name)
+            shutil.copy(
+                raw / f"labels{split}" / f"{case}.nii.gz", ds / "labelsTr" / f"{case}.nii.gz"
+            )
+    labels = {"background": 0, "pancreas": 1}
+    n = len(list((ds / "imagesTr").iterdir()))
+    meta = {"channel_names": {"0": "CT"}, "labels": labels, "numTraining": n}
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}))
+    return ds
+
+
+@pytest.mark.slow
+def test_howto_from_an_adopted_model_to_maps_of_the_example_ct(
+    tmp_path: Path, totalseg_example: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """docs/own-data.md's commands, on the real example CT (skipped when it is absent)."""
+    ds = _users_nnunet_dataset(tmp_path / "nnUNet_raw", tmp_path / "scratch")
+    for name in ("raw", "preprocessed", "results"):
+        monkeypatch.setenv(f"nnUNet_{name}", str(tmp_path / f"nnUNet_{name}"))
+    # the user's existing model: nnU-Net's own trainer on their dataset
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from mobseg.nnunet.planning import plan_and_preprocess
+    from mobseg.nnunet.presets import get_preset
+
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds / "imagesTr").glob("*.nii.gz"))
+    planned = plan_and_preprocess(
+        777, ds.name, get_preset("micro").plan, 1, {"train": cases[:-1], "val": cases[-1:]}
+    )
+    plans = {**json.loads(planned.plans_file.read_text()), "continue_training": False}
+    dataset_json = json.loads((planned.plans_file.parent / "dataset.json").read_text())
+    trainer = nnUNetTrainer(plans, "3d_fullres", 0, dataset_json, torch.device("cpu"))
+    trainer.num_epochs, trainer.num_iterations_per_epoch = 1, 2
+    trainer.num_val_iterations_per_epoch = 1
+    trainer.run_training()
+    model = Path(trainer.output_folder_base)
+
+    # the how-to: adopt (prepares $nnUNet_raw's dataset), fine-tune, predict the CT
+    work = tmp_path / "work"
+    _ok(work, "adopt", "--organ", "pancreas", "--model", str(model), "--preset", "micro")
+    _ok(work, "finetune", "--organ", "pancreas", "--method", "mob", "--device", "cpu")
+    ct = totalseg_example / "s0000" / "ct.nii.gz"
+    out = tmp_path / "maps"
+    _ok(
+        work,
+        "predict",
+        "--organ",
+        "pancreas",
+        "--run",
+        "mob-b3-r16",
+        "-i",
+        str(ct),
+        "--out",
+        str(out),
+    )
+    ref = sitk.ReadImage(str(ct))
+    for suffix in ("seg", "prob", "var", "entropy", "mi"):
+        img = sitk.ReadImage(str(out / f"s0000_{suffix}.nii.gz"))
+        assert img.GetSize() == ref.GetSize() and img.GetOrigin() == ref.GetOrigin()
+    var = sitk.GetArrayFromImage(sitk.ReadImage(str(out / "s0000_var.nii.gz")))
+    assert var.min() >= 0 and np.isfinite(var).all()
