@@ -55,6 +55,7 @@ from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import (
     finetune_command,
     finetune_key,
+    predict_key,
     predict_split_key,
     split_prediction_dir,
 )
@@ -263,6 +264,8 @@ def run(
         recorded = source.params.get("head")
         if params.run is not None and recorded and HeadConfig(**recorded) != params.head:
             params = replace(params, head=HeadConfig(**recorded))  # the run's own head
+    if key is None and params.out is not None:
+        key = out_key(params.organ, tag, seed, Path(params.out))  # never the study's record
     key = key or predict_split_key(params.organ, tag, seed, params.split)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # a new model: predict every case again
@@ -299,6 +302,20 @@ def run(
     rec = manifest.get(key)
     assert rec is not None
     return rec
+
+
+def out_key(organ: str, tag: str, seed: int, out: Path) -> str:
+    """The record of a prediction into a user's folder: the run's key plus
+    ``/out-<8 hex>``, a digest of the folder's absolute path.
+
+    Its own key keeps ``predict/<organ>/<tag>/seed<S>`` (the test split's
+    prediction that ``evaluate`` scores) untouched, and ``evaluate``'s study
+    mode never reads five-part keys.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(out).expanduser().resolve()).encode()).hexdigest()[:8]
+    return f"{predict_key(organ, tag, seed)}/out-{digest}"
 
 
 def predict_files(
