@@ -169,7 +169,7 @@ def _print_record(rec: Any) -> None:
 
 
 # Options shared by several commands ------------------------------------------------
-OrganOpt = Annotated[str, typer.Option("--organ", "-o", help="Target structure, e.g. pancreas.")]
+OrganOpt = Annotated[str, typer.Option("--organ", help="Target structure, e.g. pancreas.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is done.")]
 PresetOpt = Annotated[
@@ -451,12 +451,24 @@ def finetune(
 
 @app.command()
 def predict(
-    organ: OrganOpt,
+    organ: Annotated[
+        str | None,
+        typer.Option("--organ", help="Target structure, e.g. pancreas (or give --model)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The run to predict with: ORGAN/TAG/seedS (e.g. pancreas/mob-b3-r16/seed0, "
+            "pancreas/backbone) or its run folder <workdir>/runs/ORGAN/TAG/seedS; replaces "
+            "--organ, --run/--method and --seed.",
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
             "--method",
-            "-m",
             help="deterministic, diagonal, lowrank, single-basis, mob, backbone (the "
             "pretrained network itself, recorded under the tag 'backbone', seed 0), or "
             "ensemble (a deep ensemble of the finished predictions of --members over seeds, "
@@ -500,7 +512,14 @@ def predict(
             "for GED and sample diversity in evaluate (0 = none).",
         ),
     ] = 0,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (its own record: the study's predictions are left as they are).",
+        ),
+    ] = None,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -546,6 +565,8 @@ def predict(
                     raise ConfigurationError(
                         f"--member-seeds must be comma-separated integers, got {member_seeds!r}."
                     ) from exc
+            if organ is None:
+                raise ConfigurationError("--method ensemble needs --organ NAME.")
             params = ensemble.EnsembleParams(_organ(organ), members, seeds, split)
             return ensemble.run(workspace(), params, force=force)
 
@@ -553,14 +574,22 @@ def predict(
         return
 
     def go() -> Any:
-        backbone = method == "backbone"
+        name, how, which, run_tag = organ, method, seed, run
+        if model is not None:
+            name, model_tag, which = stage.parse_model(model, organ)
+            how, run_tag = ("backbone", None) if model_tag == "backbone" else (method, model_tag)
+        if name is None:
+            raise ConfigurationError(
+                "Say which organ's model predicts: --organ NAME or --model ORGAN/TAG/seedS."
+            )
+        backbone = how == "backbone"
         params = stage.PredictParams(
-            organ=_organ(organ),
+            organ=_organ(name),
             head=_head(
-                "deterministic" if backbone else method, bases, rank, partitions, noise, mixing
+                "deterministic" if backbone else how, bases, rank, partitions, noise, mixing
             ),
             backbone=backbone,
-            seed=seed,
+            seed=which,
             input=input,
             samples=samples,
             tta=tta and not disable_tta,
@@ -568,7 +597,7 @@ def predict(
             out=out_dir,
             device=device,
             save_samples=save_samples,
-            run=run,
+            run=run_tag,
             inference_mixing=inference_mixing,
             split=split,
         )
@@ -580,7 +609,7 @@ def predict(
 @app.command()
 def evaluate(
     organ: Annotated[
-        str | None, typer.Option("--organ", "-o", help="Study mode: the organ's runs.")
+        str | None, typer.Option("--organ", help="Study mode: the organ's runs.")
     ] = None,
     method: Annotated[
         str | None, typer.Option("--method", "-m", help="Study mode: only this method.")

@@ -138,19 +138,27 @@ def test_run_identity_options_reach_the_stages(
     monkeypatch.setattr(predict, "run", keep("pr"))
     monkeypatch.setattr(evaluate, "run", keep("ev", []))
     base = ["--workdir", str(tmp_path)]
-    args = ["finetune", "-o", "pancreas", "--mc-loss", "logsumexp", "--samples", "6"]
+    args = ["finetune", "--organ", "pancreas", "--mc-loss", "logsumexp", "--samples", "6"]
     args += ["--antithetic", "--annotators", "all", "--lr", "3e-4", "--lambda-kl", "1e-3"]
     assert runner.invoke(app, base + args).exit_code == 0
     ft = got["ft"]
     assert (ft.loss.mc_loss, ft.loss.samples, ft.loss.antithetic) == ("logsumexp", 6, True)
     assert (ft.annotators, ft.lr, ft.loss.lambda_kl) == ("all", 3e-4, 1e-3)
-    args = ["predict", "-o", "pancreas", "--run", "mob-b3-r16-lse", "--inference-mixing", "hard"]
+    args = [
+        "predict",
+        "--organ",
+        "pancreas",
+        "--run",
+        "mob-b3-r16-lse",
+        "--inference-mixing",
+        "hard",
+    ]
     assert runner.invoke(app, base + args).exit_code == 0
     assert (got["pr"].tag, got["pr"].inference_mixing) == ("mob-b3-r16-lse", "hard")
-    args = ["evaluate", "-o", "pancreas", "--run", "mob-b3-r16-lse"]
+    args = ["evaluate", "--organ", "pancreas", "--run", "mob-b3-r16-lse"]
     assert runner.invoke(app, base + args).exit_code == 0
     assert got["ev"].tag == "mob-b3-r16-lse"
-    bad = runner.invoke(app, [*base, "finetune", "-o", "pancreas", "--annotators", "some"])
+    bad = runner.invoke(app, [*base, "finetune", "--organ", "pancreas", "--annotators", "some"])
     assert bad.exit_code == 1 and "Unknown annotator choice 'some'" in bad.output
 
 
@@ -295,3 +303,37 @@ def test_status_records_fit_80_columns(tmp_path: Path) -> None:
     text = " ".join(result.output.split())
     assert f"{long_key} (failed): CUDA out of memory." in text
     assert "(GPU 0; 23.65 GiB total)" in text
+
+
+# predict like nnU-Net (issue 15, item 2) ---------------------------------------------
+
+
+def test_predict_takes_a_model_and_o_is_the_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mobseg.stages import predict
+
+    got: list = []
+    monkeypatch.setattr(predict, "run", lambda ws, p, force=False: got.append(p))
+    base = ["--workdir", str(tmp_path), "predict", "-i", "cts", "-o", "maps"]
+    assert runner.invoke(app, [*base, "-m", "pancreas/mob-b2-r4-k3/seed3"]).exit_code == 0
+    p = got[-1]
+    assert (p.organ, p.tag, p.seed, p.backbone) == ("pancreas", "mob-b2-r4-k3", 3, False)
+    assert (p.input, p.out) == (Path("cts"), Path("maps"))
+    # a run folder, and the backbone
+    folder = tmp_path / "runs" / "liver" / "diagonal" / "seed1"
+    assert runner.invoke(app, [*base, "--model", str(folder)]).exit_code == 0
+    assert (got[-1].organ, got[-1].tag, got[-1].seed) == ("liver", "diagonal", 1)
+    assert runner.invoke(app, [*base, "-m", "pancreas/backbone"]).exit_code == 0
+    assert got[-1].backbone and got[-1].tag == "backbone"
+    # the organ is --organ only; -o is the output folder
+    result = runner.invoke(app, [*base, "--organ", "pancreas"])
+    assert result.exit_code == 0 and got[-1].out == Path("maps")
+    missing = runner.invoke(app, ["--workdir", str(tmp_path), "predict", "-o", "maps"])
+    assert missing.exit_code == 1 and "--organ NAME or --model" in missing.output
+    bad = runner.invoke(app, [*base, "-m", "pancreas"])
+    assert bad.exit_code == 1 and "is not ORGAN/TAG/seedS" in bad.output
+    other = runner.invoke(app, [*base, "--organ", "liver", "-m", "pancreas/mob-b3-r16"])
+    assert other.exit_code == 1 and "a model of pancreas, not liver" in other.output
+    for cmd in ("finetune", "evaluate"):
+        assert runner.invoke(app, [cmd, "-o", "pancreas"]).exit_code == 2  # no -o there

@@ -304,6 +304,33 @@ def run(
     return rec
 
 
+def parse_model(spec: str, organ: str | None = None) -> tuple[str, str, int]:
+    """``--model``: ``ORGAN/TAG/seedS`` (``seed`` optional, ``/seedS`` may be left out
+    for seed 0, ``ORGAN/backbone``) or a run folder ``.../ORGAN/TAG/seedS``.
+
+    Returns:
+        (organ, tag, seed); the tag ``backbone`` means the pretrained backbone.
+
+    Raises:
+        ConfigurationError: not of that form, or another organ than ``organ``.
+    """
+    parts = [p for p in Path(spec).expanduser().parts if p not in ("/", "")]
+    if parts and re.fullmatch(r"(seed)?\d+", parts[-1]):
+        seed = int(parts[-1].removeprefix("seed"))
+        parts = parts[:-1]
+    else:
+        seed = 0
+    if len(parts) < 2:
+        raise ConfigurationError(
+            f"--model {spec!r} is not ORGAN/TAG/seedS or a run folder.",
+            "For example --model pancreas/mob-b3-r16/seed0 or --model pancreas/backbone.",
+        )
+    found_organ, tag = parts[-2], parts[-1]
+    if organ is not None and organ != found_organ:
+        raise ConfigurationError(f"--model {spec!r} is a model of {found_organ}, not {organ}.")
+    return found_organ, tag, seed
+
+
 def out_key(organ: str, tag: str, seed: int, out: Path) -> str:
     """The record of a prediction into a user's folder: the run's key plus
     ``/out-<8 hex>``, a digest of the folder's absolute path.
