@@ -241,18 +241,7 @@ def test_howto_from_an_adopted_model_to_maps_of_the_example_ct(
     _ok(work, "finetune", "--organ", "pancreas", "--method", "mob", "--device", "cpu")
     ct = totalseg_example / "s0000" / "ct.nii.gz"
     out = tmp_path / "maps"
-    _ok(
-        work,
-        "predict",
-        "--organ",
-        "pancreas",
-        "--run",
-        "mob-b3-r16",
-        "-i",
-        str(ct),
-        "--out",
-        str(out),
-    )
+    _ok(work, "predict", "-m", "pancreas/mob-b3-r16", "-i", str(ct), "-o", str(out))
     ref = sitk.ReadImage(str(ct))
     for suffix in ("seg", "prob", "var", "entropy", "mi"):
         img = sitk.ReadImage(str(out / f"s0000_{suffix}.nii.gz"))
