@@ -19,9 +19,10 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q $(TORCH)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev,cluster]'
-	# PyPI's torchvision does not load beside a CPU torch build (SPEC section 9)
-	# and breaks torchmetrics; mobseg does not need it, so drop it when broken.
-	$(BIN)/python -c "import torchvision" 2>/dev/null || $(BIN)/python -m pip uninstall -q -y torchvision
+	# PyPI's torchvision is a CUDA build; beside a CPU torch it imports only
+	# through mobseg's torch entry point (mobseg/torch_plugin.py). Check that
+	# what nnU-Net's commands and the tests import loads.
+	$(BIN)/python -c "import torchvision, timm, torchmetrics, nnunetv2.run.run_training"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -17,17 +17,40 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
+import click
 import typer
+from rich import box
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
-from mobseg import progress
+from mobseg import __version__, progress
 from mobseg.errors import ConfigurationError, MobsegError
 from mobseg.workspace import WORKDIR_ENV, Workspace
 
+#: Global flags that take no value: accepted after the command too
+#: (``mobseg status -q`` is ``mobseg -q status``).
+GLOBAL_FLAGS = ("-q", "--quiet", "-v", "--verbose", "--debug")
+
+
+class _GlobalFlagsGroup(TyperGroup):
+    """The top-level group: moves global flags given after the command before it."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if "--" in args:
+            cut = args.index("--")
+            head, tail = args[:cut], args[cut:]
+        else:
+            head, tail = args, []
+        flags = [a for a in head if a in GLOBAL_FLAGS]
+        rest = [a for a in head if a not in GLOBAL_FLAGS]
+        return super().parse_args(ctx, flags + rest + tail)
+
+
 app = typer.Typer(
     name="mobseg",
+    cls=_GlobalFlagsGroup,
     help=(
         "Segmentation with structured, trustworthy uncertainty: the mixture-of-bases "
         "study (Kampen, Aspe et al., NLDL 2026) on nnU-Net v2.\n\n"
@@ -91,6 +114,12 @@ def guarded(fn: Callable[[], T]) -> T:
         raise typer.Exit(130) from None
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"mobseg {__version__}", highlight=False)
+        raise typer.Exit()
+
+
 @app.callback()
 def main_options(
     workdir: Annotated[
@@ -108,8 +137,14 @@ def main_options(
         bool, typer.Option("--quiet", "-q", help="Only errors and results; no progress bars.")
     ] = False,
     debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks of errors.")] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", is_eager=True, callback=_print_version, help="Print the version and exit."
+        ),
+    ] = False,
 ) -> None:
-    """Global options, valid before any command."""
+    """Global options. -q, -v and --debug may also follow the command."""
     state.workdir = workdir
     state.debug = debug
     state.verbosity = 0 if quiet else (2 if verbose else 1)
@@ -134,7 +169,7 @@ def _print_record(rec: Any) -> None:
 
 
 # Options shared by several commands ------------------------------------------------
-OrganOpt = Annotated[str, typer.Option("--organ", "-o", help="Target structure, e.g. pancreas.")]
+OrganOpt = Annotated[str, typer.Option("--organ", help="Target structure, e.g. pancreas.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the run.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Redo the stage even if it is done.")]
 PresetOpt = Annotated[
@@ -281,6 +316,55 @@ def pretrain(
 
 
 @app.command()
+def adopt(
+    organ: OrganOpt,
+    model: Annotated[
+        Path,
+        typer.Option(
+            "--model",
+            help="nnU-Net's results folder of a trained model: "
+            "nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION.",
+        ),
+    ],
+    fold: Annotated[str, typer.Option(help="The fold whose checkpoint to use (0-4 or all).")] = "0",
+    checkpoint: Annotated[
+        str, typer.Option(help="Checkpoint file in fold_<fold>.")
+    ] = "checkpoint_final.pth",
+    label: Annotated[
+        str | None,
+        typer.Option(
+            help="The organ's label (name or value) in the model's dataset.json, for a model "
+            "with several labels; mobseg fine-tunes a binary head for it."
+        ),
+    ] = None,
+    preset: Annotated[
+        str, typer.Option(help="Fine-tuning protocol of the later stages: paper, cpu or micro.")
+    ] = "paper",
+    force: ForceOpt = False,
+) -> None:
+    """Use a trained nnU-Net v2 model as the organ's backbone (instead of pretrain).
+
+    Checks plans.json, dataset.json and the checkpoint, preprocesses the organ's
+    prepared data with the model's plans, and records the backbone that
+    finetune, predict and evaluate use.
+    """
+    from mobseg.stages import adopt as stage
+
+    def go() -> Any:
+        params = stage.AdoptParams(
+            organ=_organ(organ),
+            model=model,
+            fold=fold,
+            checkpoint=checkpoint,
+            label=label,
+            preset=preset,
+        )
+        return stage.run(workspace(), params, force=force)
+
+    _print_record(guarded(go))
+
+
+@app.command()
 def finetune(
     organ: OrganOpt,
     method: MethodOpt = "mob",
@@ -367,12 +451,24 @@ def finetune(
 
 @app.command()
 def predict(
-    organ: OrganOpt,
+    organ: Annotated[
+        str | None,
+        typer.Option("--organ", help="Target structure, e.g. pancreas (or give --model)."),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="The run to predict with: ORGAN/TAG/seedS (e.g. pancreas/mob-b3-r16/seed0, "
+            "pancreas/backbone) or its run folder <workdir>/runs/ORGAN/TAG/seedS; replaces "
+            "--organ, --run/--method and --seed.",
+        ),
+    ] = None,
     method: Annotated[
         str,
         typer.Option(
             "--method",
-            "-m",
             help="deterministic, diagonal, lowrank, single-basis, mob, backbone (the "
             "pretrained network itself, recorded under the tag 'backbone', seed 0), or "
             "ensemble (a deep ensemble of the finished predictions of --members over seeds, "
@@ -416,7 +512,14 @@ def predict(
             "for GED and sample diversity in evaluate (0 = none).",
         ),
     ] = 0,
-    out_dir: Annotated[Path | None, typer.Option("--out", help="Output folder.")] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output folder (its own record: the study's predictions are left as they are).",
+        ),
+    ] = None,
     bases: BasesOpt = 3,
     rank: RankOpt = 16,
     partitions: PartOpt = 4,
@@ -462,6 +565,8 @@ def predict(
                     raise ConfigurationError(
                         f"--member-seeds must be comma-separated integers, got {member_seeds!r}."
                     ) from exc
+            if organ is None:
+                raise ConfigurationError("--method ensemble needs --organ NAME.")
             params = ensemble.EnsembleParams(_organ(organ), members, seeds, split)
             return ensemble.run(workspace(), params, force=force)
 
@@ -469,14 +574,22 @@ def predict(
         return
 
     def go() -> Any:
-        backbone = method == "backbone"
+        name, how, which, run_tag = organ, method, seed, run
+        if model is not None:
+            name, model_tag, which = stage.parse_model(model, organ)
+            how, run_tag = ("backbone", None) if model_tag == "backbone" else (method, model_tag)
+        if name is None:
+            raise ConfigurationError(
+                "Say which organ's model predicts: --organ NAME or --model ORGAN/TAG/seedS."
+            )
+        backbone = how == "backbone"
         params = stage.PredictParams(
-            organ=_organ(organ),
+            organ=_organ(name),
             head=_head(
-                "deterministic" if backbone else method, bases, rank, partitions, noise, mixing
+                "deterministic" if backbone else how, bases, rank, partitions, noise, mixing
             ),
             backbone=backbone,
-            seed=seed,
+            seed=which,
             input=input,
             samples=samples,
             tta=tta and not disable_tta,
@@ -484,7 +597,7 @@ def predict(
             out=out_dir,
             device=device,
             save_samples=save_samples,
-            run=run,
+            run=run_tag,
             inference_mixing=inference_mixing,
             split=split,
         )
@@ -496,7 +609,7 @@ def predict(
 @app.command()
 def evaluate(
     organ: Annotated[
-        str | None, typer.Option("--organ", "-o", help="Study mode: the organ's runs.")
+        str | None, typer.Option("--organ", help="Study mode: the organ's runs.")
     ] = None,
     method: Annotated[
         str | None, typer.Option("--method", "-m", help="Study mode: only this method.")
@@ -943,7 +1056,15 @@ def demo(
             "skipped with a note when absent.",
         ),
     ] = None,
-    jobs: StudyJobsOpt = None,
+    jobs: Annotated[
+        int | None,
+        typer.Option(
+            "--jobs",
+            "-j",
+            help="Jobs at once in worker processes, each pinned to its own GPU when several "
+            "exist (default 1: in this process).",
+        ),
+    ] = None,
     seeds: Annotated[int, typer.Option(help="Seeds per method.")] = 2,
     cases: Annotated[int | None, typer.Option(help="Phantom cases (default 32).")] = None,
     size: Annotated[int | None, typer.Option(help="Phantom edge length (default 64).")] = None,
@@ -1001,6 +1122,75 @@ def demo(
     out.print(f"[bold green]Report:[/] {path}", highlight=False)
 
 
+def _short_time(stamp: str | None) -> str:
+    """``2026-11-28T07:44:46+00:00`` as ``11-28 07:44`` (the record's own zone)."""
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(stamp or "").strftime("%m-%d %H:%M")
+    except ValueError:
+        return stamp or "-"
+
+
+def _took(started: str | None, finished: str | None) -> str:
+    """Wall time between two ISO stamps: ``42s``, ``6m05s``, ``3h12m``; ``-`` when unknown."""
+    from datetime import datetime
+
+    try:
+        seconds = int(
+            (
+                datetime.fromisoformat(finished or "") - datetime.fromisoformat(started or "")
+            ).total_seconds()
+        )
+    except (ValueError, TypeError):
+        return "-"
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _render_records(records: dict[str, Any], path: Path, outdated_inputs: Any) -> None:
+    """``status --records``: one row per stage run, readable in 80 columns.
+
+    The short columns keep their width and the key folds only when longer than
+    what is left (about 40 characters); errors and notes, whose length is
+    unbounded, are listed under the table as ``key (status): text`` lines.
+    """
+    table = Table(
+        title=f"manifest: {path}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
+        title_justify="left",
+    )
+    table.add_column("key", overflow="fold")
+    table.add_column("status", no_wrap=True, min_width=8)
+    table.add_column("tries", justify="right", no_wrap=True, min_width=5)
+    table.add_column("started", no_wrap=True, min_width=11)
+    table.add_column("took", justify="right", no_wrap=True, min_width=6)
+    colours = {"done": "green", "running": "yellow", "failed": "red", "outdated": "magenta"}
+    notes: list[str] = []
+    for rec in records.values():
+        changed = outdated_inputs(rec, records) if rec.done else []
+        shown = "outdated" if changed else rec.status
+        colour = colours.get(shown, "white")
+        note = f"{', '.join(changed)} ran again since" if changed else (rec.error or "")
+        if note:
+            notes.append(f"{escape(rec.key)} ([{colour}]{shown}[/]): {escape(note)}")
+        table.add_row(
+            escape(rec.key),
+            f"[{colour}]{shown}[/]",
+            str(rec.attempts),
+            _short_time(rec.started),
+            _took(rec.started, rec.finished),
+        )
+    out.print(table)
+    for line in notes:
+        out.print(line, highlight=False)
+
+
 @app.command()
 def status(
     records_view: Annotated[
@@ -1021,23 +1211,7 @@ def status(
             if not records:
                 out.print(f"No stage has run in {ws.root} yet. Start with `mobseg prepare`.")
                 return
-            table = Table(title=f"mobseg manifest: {ws.manifest_path}")
-            for col in ("key", "status", "attempts", "started", "finished", "error / note"):
-                table.add_column(col, overflow="fold")
-            colours = {"done": "green", "running": "yellow", "failed": "red", "outdated": "magenta"}
-            for rec in records.values():
-                changed = outdated_inputs(rec, records) if rec.done else []
-                shown = "outdated" if changed else rec.status
-                note = f"{', '.join(changed)} ran again since" if changed else (rec.error or "")
-                table.add_row(
-                    rec.key,
-                    f"[{colours.get(shown, 'white')}]{shown}[/]",
-                    str(rec.attempts),
-                    rec.started,
-                    rec.finished or "-",
-                    note,
-                )
-            out.print(table)
+            _render_records(records, ws.manifest_path, outdated_inputs)
             return
         from mobseg.study import grid
 

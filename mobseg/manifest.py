@@ -311,7 +311,13 @@ class Manifest:
             self.lock.release()
 
     def records(self) -> dict[str, StageRecord]:
-        """All records by key (a consistent snapshot)."""
+        """All records by key (a consistent snapshot).
+
+        A workdir without a manifest reads as empty without taking the lock, so
+        that reading (``mobseg status``) never creates the folder.
+        """
+        if not self.path.parent.is_dir():
+            return {}
         with self._reading():
             return self._read_unlocked()
 

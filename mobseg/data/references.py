@@ -35,7 +35,7 @@ from mobseg.data.nifti import (
     read_image,
     write_array,
 )
-from mobseg.data.source import ZipSource, mask_relpath, open_source
+from mobseg.data.source import DirSource, mask_relpath, open_source
 from mobseg.errors import InvalidInputError
 from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import prepare_command, prepare_key
@@ -130,7 +130,7 @@ def reference_masks(ws: Workspace, organ: str, case: str) -> list[Path]:
                 case=case,
                 path=source.location(case, mask_relpath(organ)),
             )
-        if isinstance(source, ZipSource):
+        if not isinstance(source, DirSource):  # zip members, nnU-Net multi-label files
             first = cache / "rater0.nii.gz"
             if not first.exists():
                 with source.local_file(case, mask_relpath(organ), cache / ".tmp") as tmp:

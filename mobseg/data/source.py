@@ -298,13 +298,142 @@ class ZipSource(Source):
         self._zip.close()
 
 
+class NnunetRawSource(Source):
+    """An nnU-Net raw dataset folder seen through the TotalSegmentator interface.
+
+    ``<root>/dataset.json``, ``imagesTr/<case>_0000.nii.gz`` and
+    ``labelsTr/<case>.nii.gz`` (one input channel, plain labels). Every
+    labelled training case is a case; ``meta.csv`` is made up (split
+    ``train``). The mask of a structure is its label in the multi-label file,
+    found by name in dataset.json's labels (case and ``_``/space ignored) or,
+    for a dataset with one foreground label, that label. It is written as a
+    0/1 file to the caller's temporary folder while it is read.
+
+    Args:
+        path: The dataset folder.
+
+    Raises:
+        InvalidInputError: no dataset.json or imagesTr, several channels, a file
+            ending other than ``.nii.gz``, or region-based labels.
+    """
+
+    kind = "nnunet"
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        import json
+
+        self.path = self.root = Path(path).resolve()
+        try:
+            ds = json.loads((self.root / "dataset.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(
+                f"dataset.json cannot be read ({exc}).", path=str(self.root / "dataset.json")
+            ) from exc
+        channels = ds.get("channel_names", ds.get("modality", {}))
+        if len(channels) != 1:
+            raise InvalidInputError(
+                f"The nnU-Net dataset has {len(channels)} input channels; mobseg takes CT only.",
+                path=str(self.root / "dataset.json"),
+            )
+        if ds.get("file_ending", ".nii.gz") != ".nii.gz":
+            raise InvalidInputError(
+                f"The nnU-Net dataset's files end in {ds.get('file_ending')!r}; mobseg reads "
+                "'.nii.gz'.",
+                path=str(self.root / "dataset.json"),
+            )
+        labels = ds.get("labels", {})
+        if any(isinstance(v, (list, tuple)) for v in labels.values()):
+            raise InvalidInputError(
+                "The nnU-Net dataset has region-based labels; mobseg takes plain labels.",
+                path=str(self.root / "dataset.json"),
+            )
+        self.labels = {str(k): int(v) for k, v in labels.items() if int(v) != 0}
+        images = self.root / "imagesTr"
+        self.cases = sorted(
+            p.name[: -len("_0000.nii.gz")]
+            for p in images.glob("*_0000.nii.gz")
+            if (self.root / "labelsTr" / p.name.replace("_0000.nii.gz", ".nii.gz")).is_file()
+        )
+
+    @staticmethod
+    def looks_like(path: Path) -> bool:
+        """Whether ``path`` is an nnU-Net raw dataset folder (and no TotalSegmentator one)."""
+        return (
+            (path / "dataset.json").is_file()
+            and (path / "imagesTr").is_dir()
+            and not (path / META_NAME).is_file()
+        )
+
+    def label_value(self, organ: str) -> int | None:
+        """The label of ``organ``, or the only label, or None."""
+        key = organ.lower().replace("_", " ")
+        for name, value in self.labels.items():
+            if name.lower().replace("_", " ") == key:
+                return value
+        return next(iter(self.labels.values())) if len(self.labels) == 1 else None
+
+    def meta_bytes(self) -> bytes:
+        return ("image_id;split\n" + "".join(f"{c};train\n" for c in self.cases)).encode()
+
+    def meta_location(self) -> str:
+        return f"{self.root / 'dataset.json'} (imagesTr/labelsTr)"
+
+    def _file(self, case: str, rel: str) -> Path:
+        if rel == CT_NAME:
+            return self.root / "imagesTr" / f"{case}_0000.nii.gz"
+        return self.root / "labelsTr" / f"{case}.nii.gz"
+
+    def _organ(self, rel: str) -> str | None:
+        prefix = SEG_DIR + "/"
+        if rel.startswith(prefix) and rel.endswith(".nii.gz"):
+            return rel[len(prefix) : -len(".nii.gz")]
+        return None
+
+    def exists(self, case: str, rel: str) -> bool:
+        organ = self._organ(rel)
+        if rel != CT_NAME and (organ is None or self.label_value(organ) is None):
+            return False
+        return case in self.cases and self._file(case, rel).is_file()
+
+    def location(self, case: str, rel: str) -> str:
+        return str(self._file(case, rel))
+
+    def case_folders(self) -> set[str]:
+        return set(self.cases)
+
+    @contextmanager
+    def local_file(self, case: str, rel: str, tmp_dir: Path) -> Iterator[Path]:
+        path = self._file(case, rel)
+        if not self.exists(case, rel):
+            raise InvalidInputError("The file does not exist.", case=case, path=str(path))
+        if rel == CT_NAME:
+            yield path
+            return
+        organ = self._organ(rel)
+        value = self.label_value(organ or "")
+        labels = nifti.read_image(path, case)
+        mask = (sitk.GetArrayFromImage(labels) == value).astype(np.uint8)
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(suffix=".nii.gz", dir=tmp_dir)
+        os.close(fd)
+        out = Path(name)
+        try:
+            nifti.write_array(mask, labels, out, np.uint8)
+            yield out
+        finally:
+            out.unlink(missing_ok=True)
+
+
 def open_source(path: str | os.PathLike[str]) -> Source:
-    """A :class:`DirSource` for a folder, a :class:`ZipSource` for a zip file.
+    """A :class:`DirSource` for a folder, a :class:`ZipSource` for a zip file, a
+    :class:`NnunetRawSource` for an nnU-Net raw dataset folder.
 
     Raises:
         InvalidInputError: the path does not exist or is neither.
     """
     p = Path(path).expanduser()
+    if p.is_dir() and NnunetRawSource.looks_like(p):
+        return NnunetRawSource(p)
     if p.is_dir():
         return DirSource(p)
     if p.is_file():

@@ -3,9 +3,8 @@
 nnU-Net trains with ``torch.distributed``: one process per GPU, the global
 batch split over the ranks, gradients all-reduced by
 ``DistributedDataParallel``, rank 0 writing checkpoints and logs. Its own
-launcher (``nnUNetv2_train -num_gpus``) looks trainers up by name, which
-cannot find mobseg's classes and fails on machines where nnU-Net's optional
-trainer modules do not import (SPEC section 9). This module is the same
+launcher (``nnUNetv2_train -num_gpus``) looks trainers up by name inside
+nnunetv2's own folders, which cannot find mobseg's classes. This module is the same
 launch done programmatically: :func:`train_distributed` spawns ``world_size``
 processes, each joins the process group (``nccl`` on CUDA, ``gloo`` on the
 CPU), builds :class:`~mobseg.nnunet.trainer.PretrainTrainer` directly and

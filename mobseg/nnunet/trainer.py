@@ -2,8 +2,8 @@
 
 This module imports nnunetv2: import it after
 :func:`mobseg.nnunet.env.setup_nnunet`. Both trainers are instantiated
-directly (nnU-Net's lookup of trainers by name imports every trainer module
-and fails here, SPEC section 9).
+directly (nnU-Net's lookup of trainers by name searches nnunetv2's own
+folders only and cannot find them).
 
 :class:`PretrainTrainer` is nnU-Net's default training (``nnUNetTrainer``:
 SGD, poly learning rate, Dice + CE with deep supervision, nnU-Net's

@@ -535,12 +535,14 @@ def case_figure(
         if not prob_path.is_file():
             continue
         prob, _ = _read_lps(prob_path)
-        var_path = prob_path.with_name(f"{case}_var.nii.gz")
-        var = _read_lps(var_path)[0] if var_path.is_file() else None
+        maps = {}
+        for name in ("var", "entropy", "mi"):
+            map_path = prob_path.with_name(f"{case}_{name}.nii.gz")
+            maps[name] = _read_lps(map_path)[0] if map_path.is_file() else None
         dice = next(
             (float(r["dice"]) for r in run.rows if str(r.get("case")) == case), float("nan")
         )
-        preds.append((key, run, prob.astype(np.float32), var, dice))
+        preds.append((key, run, prob.astype(np.float32), maps, dice))
     if not preds:
         return None
     _draw_case(vols, preds, organ, case, path)
@@ -559,9 +561,26 @@ def _crop_box(mask2d: np.ndarray, shape: tuple[int, int], margin: int) -> tuple[
     )
 
 
+#: The uncertainty maps of the case panels: file suffix, column title, colour-bar label.
+UNCERTAINTY_PANELS: tuple[tuple[str, str, str], ...] = (
+    ("var", "Predictive variance Var[p]", "Var[p] (probability\u00b2)"),
+    ("entropy", "Predictive entropy H[E p]", "entropy (nats)"),
+    ("mi", "Mutual information (epistemic)", "mutual information (nats)"),
+)
+
+
+def _shared_max(preds: list, name: str, z: int, ys: slice, xs: slice, floor: float) -> float:
+    """The largest value of map ``name`` on the shown slice over all rows (``floor`` if none)."""
+    top = max(
+        (float(np.nanmax(p[3][name][z, ys, xs])) for p in preds if p[3].get(name) is not None),
+        default=0.0,
+    )
+    return top if top > 0 else floor
+
+
 def _draw_case(
     vols: _Volumes,
-    preds: list[tuple[RowKey, RunResult, np.ndarray, np.ndarray | None, float]],
+    preds: list[tuple[RowKey, RunResult, np.ndarray, dict[str, np.ndarray | None], float]],
     organ: str,
     case: str,
     path: Path,
@@ -583,23 +602,25 @@ def _draw_case(
     extent = (0.0, nx * sx, ny * sy, 0.0)
     ct = vols.ct[z, ys, xs]
     gt = vols.gt[z, ys, xs]
-    vmax_var = max(
-        (float(np.nanmax(p[3][z, ys, xs])) for p in preds if p[3] is not None), default=0.0
-    )
-    vmax_var = vmax_var if vmax_var > 0 else 0.25
+    floors = {"var": 0.25, "entropy": math.log(2.0), "mi": math.log(2.0)}
+    norms = {
+        name: Normalize(0.0, _shared_max(preds, name, z, ys, xs, floors[name]))
+        for name, _, _ in UNCERTAINTY_PANELS
+    }
     n = len(preds)
+    ncol = 2 + len(UNCERTAINTY_PANELS)
     fig, axes = plt.subplots(
-        n, 3, figsize=(12.0, 3.3 * n + 1.6), squeeze=False, layout="constrained"
+        n, ncol, figsize=(4.0 * ncol, 3.3 * n + 1.6), squeeze=False, layout="constrained"
     )
     norm_p = Normalize(0.0, 1.0)
-    norm_v = Normalize(0.0, vmax_var)
     ctk = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1], "extent": extent}
     yy = (np.arange(ny) + 0.5) * sy
     xx = (np.arange(nx) + 0.5) * sx
-    im0 = im1 = im2 = None
-    for i, (key, _run, prob, var, dice) in enumerate(preds):
+    im0 = im1 = None
+    ims: dict[str, Any] = {}
+    for i, (key, _run, prob, maps, dice) in enumerate(preds):
         p = prob[z, ys, xs]
-        a0, a1, a2 = axes[i]
+        a0, a1 = axes[i][:2]
         im0 = a0.imshow(ct, **ctk)
         if gt.any():
             a0.contour(xx, yy, gt.astype(float), levels=[0.5], colors="#00e000", linewidths=1.8)
@@ -611,33 +632,37 @@ def _draw_case(
         im1 = a1.imshow(
             np.ma.masked_less(p, 0.01), cmap="viridis", norm=norm_p, alpha=0.85, extent=extent
         )
-        a2.imshow(ct, **ctk)
-        if var is not None:
-            v = var[z, ys, xs]
-            im2 = a2.imshow(
-                np.ma.masked_less(v, vmax_var * 0.01),
-                cmap="magma",
-                norm=norm_v,
-                alpha=0.9,
-                extent=extent,
-            )
-        else:
-            a2.text(0.5, 0.5, "no variance map", color="w", ha="center", transform=a2.transAxes)
-        for a in (a0, a1, a2):
+        for j, (name, title, _) in enumerate(UNCERTAINTY_PANELS):
+            ax = axes[i][2 + j]
+            ax.imshow(ct, **ctk)
+            m = maps.get(name)
+            if m is not None:
+                ims[name] = ax.imshow(
+                    np.ma.masked_less(m[z, ys, xs], norms[name].vmax * 0.01),
+                    cmap="magma",
+                    norm=norms[name],
+                    alpha=0.9,
+                    extent=extent,
+                )
+            else:
+                ax.text(0.5, 0.5, f"no {name} map", color="w", ha="center", transform=ax.transAxes)
+            if i == 0:
+                ax.set_title(title)
+        for a in axes[i]:
             a.grid(False)
             a.tick_params(labelsize=8)
         if i == 0:
             a0.set_title("CT, ground truth and prediction")
-            a1.set_title("Foreground probability p over the CT")
-            a2.set_title("Predictive variance Var[p] over the CT")
+            a1.set_title("Foreground probability p")
     bar = {"location": "bottom", "shrink": 0.85, "aspect": 28, "pad": 0.01}
     cb0 = fig.colorbar(im0, ax=axes[:, 0], **bar)
     cb0.set_label("CT (HU), window -160..240")
     cb1 = fig.colorbar(im1, ax=axes[:, 1], **bar)
     cb1.set_label("p(organ), same scale in every row")
-    if im2 is not None:
-        cb2 = fig.colorbar(im2, ax=axes[:, 2], **bar)
-        cb2.set_label("Var[p] (probability\u00b2), same scale in every row")
+    for j, (name, _, label) in enumerate(UNCERTAINTY_PANELS):
+        if name in ims:
+            cb = fig.colorbar(ims[name], ax=axes[:, 2 + j], **bar)
+            cb.set_label(f"{label}, same scale in every row")
     for a in axes[-1]:
         a.set_xlabel("R \u2192 L (mm)", fontsize=9)
     handles = [
@@ -649,6 +674,109 @@ def _draw_case(
         fig,
         f"{organ_label(organ)}, case {case}: axial slice {z} of {vols.gt.shape[0]} "
         f"(largest ground-truth area), voxel spacing {sx:.3g} x {sy:.3g} x {sz:.3g} mm",
-        12.0,
+        4.0 * ncol,
     )
     _save(fig, path)
+
+
+# -- samples beside the annotators -----------------------------------------------------
+def sample_masks(run: RunResult, case: str, limit: int = 8) -> list[Path]:
+    """The joint sample masks ``<case>_sample<k>.nii.gz`` that predict saved, k ascending."""
+    if run.pred_dir is None:
+        return []
+    found = []
+    for k in range(limit):
+        p = run.pred_dir / f"{case}_sample{k}.nii.gz"
+        if not p.is_file():
+            break
+        found.append(p)
+    return found
+
+
+def samples_run(results: StudyResults, organ: str, case: str) -> RunResult | None:
+    """The run whose saved samples are shown: mob first, then any other stochastic one."""
+    candidates = [
+        run
+        for key, run in _case_rows(results, organ)
+        if run.method != "deterministic" and sample_masks(run, case)
+    ]
+    candidates.sort(key=lambda r: (r.method != "mob", r.tag))
+    return candidates[0] if candidates else None
+
+
+def samples_figure(
+    results: StudyResults,
+    organ: str,
+    case: str,
+    annotators: list[Path],
+    path: Path,
+    limit: int = 5,
+) -> Path | None:
+    """The model's saved joint samples beside the annotators' masks of one case.
+
+    Top row: up to ``limit`` annotators' masks; bottom row: up to ``limit``
+    saved samples of :func:`samples_run`; all on the same axial slice (the
+    largest area of the annotators' union) and crop, over the CT. This is the
+    paper's visual argument: a good model's samples vary like the annotators.
+
+    Returns:
+        The path, or None when the case has no saved samples or no annotator.
+    """
+    info = results.organs.get(organ)
+    run = samples_run(results, organ, case)
+    if info is None or info.raw_dir is None or run is None or not annotators:
+        return None
+    ct_path = info.raw_dir / "imagesTs" / f"{case}_0000.nii.gz"
+    if not ct_path.is_file():
+        return None
+    ct, spacing = _read_lps(ct_path)
+    raters = [_read_lps(p)[0] > 0 for p in annotators[:limit]]
+    samples = [_read_lps(p)[0] > 0 for p in sample_masks(run, case)[:limit]]
+    union = np.zeros_like(raters[0])
+    for m in raters + samples:
+        if m.shape != union.shape:
+            raise ValueError(f"case {case}: a mask's shape {m.shape} is not the CT's {ct.shape}")
+        union |= m
+    z = int(np.argmax(union.sum(axis=(1, 2))))
+    ys, xs = _crop_box(union[z], union.shape[1:], margin=10)
+    sx, sy, _ = spacing
+    ny, nx = ys.stop - ys.start, xs.stop - xs.start
+    extent = (0.0, nx * sx, ny * sy, 0.0)
+    yy, xx = (np.arange(ny) + 0.5) * sy, (np.arange(nx) + 0.5) * sx
+    plt = _plt()
+    ncol = max(len(raters), len(samples))
+    fig, axes = plt.subplots(
+        2, ncol, figsize=(2.8 * ncol + 0.6, 6.6), squeeze=False, layout="constrained"
+    )
+    ctk = {"cmap": "gray", "vmin": CT_WINDOW[0], "vmax": CT_WINDOW[1], "extent": extent}
+    rows = (("annotator", raters, "#00e000"), ("sample", samples, "#ff8c00"))
+    for r, (what, masks, colour) in enumerate(rows):
+        for c in range(ncol):
+            ax = axes[r][c]
+            ax.grid(False)
+            ax.tick_params(labelsize=7)
+            if c >= len(masks):
+                ax.axis("off")
+                continue
+            ax.imshow(ct[z, ys, xs], **ctk)
+            m = masks[c][z, ys, xs]
+            ax.imshow(
+                np.ma.masked_equal(m.astype(float), 0.0),
+                cmap="autumn",
+                alpha=0.35,
+                extent=extent,
+                vmin=0,
+                vmax=1,
+            )
+            if m.any():
+                ax.contour(xx, yy, m.astype(float), levels=[0.5], colors=colour, linewidths=1.4)
+            ax.set_title(f"{what} {c}", fontsize=10)
+    axes[0][0].set_ylabel("annotators' masks", fontsize=10)
+    axes[1][0].set_ylabel(f"samples of {run.tag}\n(seed {run.seed})", fontsize=10)
+    _suptitle(
+        fig,
+        f"{organ_label(organ)}, case {case}: annotators (top) and the model's joint samples "
+        f"(bottom), axial slice {z} of {union.shape[0]}",
+        2.8 * ncol + 0.6,
+    )
+    return _save(fig, path)

@@ -318,7 +318,8 @@ def _select_predictions(manifest: Manifest, params: EvaluateParams) -> list[Stag
     else:
         key = prefix.rstrip("/") + ("" if params.organ else "/<organ>")
     raise MissingStageError(
-        key, predict_command(organ, method, params.seed if params.seed is not None else 0)
+        key,
+        predict_command(organ, method, params.seed if params.seed is not None else 0, params.head),
     )
 
 

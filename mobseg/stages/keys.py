@@ -7,9 +7,15 @@ A key names one stage run: ``prepare/pancreas``, ``pretrain/pancreas``,
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
+from mobseg.core.config import HeadConfig
+
 REPORT_KEY = "report"
+
+#: The head's CLI options, in the order the hints write them.
+_HEAD_OPTIONS = ("bases", "rank", "partitions", "noise", "mixing")
 
 
 def prepare_key(organ: str) -> str:
@@ -52,9 +58,29 @@ def pretrain_command(organ: str) -> str:
     return f"mobseg pretrain --organ {organ}"
 
 
-def finetune_command(organ: str, method: str, seed: int) -> str:
-    return f"mobseg finetune --organ {organ} --method {method} --seed {seed}"
+def head_options(head: HeadConfig | None) -> str:
+    """The head's options that differ from the defaults, as the CLI spells them.
+
+    Only options that the method uses (those that change its tag) appear, so
+    ``mob`` with ``--bases 5`` gives ``" --bases 5"`` and ``diagonal`` gives
+    ``""`` whatever the other fields hold.
+    """
+    if head is None:
+        return ""
+    base = HeadConfig(method=head.method, noise=head.noise)
+    words = [f" --noise {head.noise}"] if head.noise != HeadConfig(method=head.method).noise else []
+    for name in _HEAD_OPTIONS:
+        value = getattr(head, name)
+        if name != "noise" and replace(base, **{name: value}).tag() != base.tag():
+            words.append(f" --{name} {value}")
+    return "".join(words)
 
 
-def predict_command(organ: str, method: str, seed: int) -> str:
-    return f"mobseg predict --organ {organ} --method {method} --seed {seed}"
+def finetune_command(organ: str, method: str, seed: int, head: HeadConfig | None = None) -> str:
+    """The command that fine-tunes the run, with the head options the user gave."""
+    return f"mobseg finetune --organ {organ} --method {method}{head_options(head)} --seed {seed}"
+
+
+def predict_command(organ: str, method: str, seed: int, head: HeadConfig | None = None) -> str:
+    """The command that predicts with the run, with the head options the user gave."""
+    return f"mobseg predict --organ {organ} --method {method}{head_options(head)} --seed {seed}"

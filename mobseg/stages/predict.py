@@ -55,6 +55,7 @@ from mobseg.manifest import Manifest, StageRecord
 from mobseg.stages.keys import (
     finetune_command,
     finetune_key,
+    predict_key,
     predict_split_key,
     split_prediction_dir,
 )
@@ -257,12 +258,14 @@ def run(
     else:
         source = manifest.require(
             finetune_key(params.organ, tag, seed),
-            finetune_command(params.organ, params.head.method, seed),
+            finetune_command(params.organ, params.head.method, seed, params.head),
         )
         checkpoint = Path(source.outputs["checkpoint_best"])
         recorded = source.params.get("head")
         if params.run is not None and recorded and HeadConfig(**recorded) != params.head:
             params = replace(params, head=HeadConfig(**recorded))  # the run's own head
+    if key is None and params.out is not None:
+        key = out_key(params.organ, tag, seed, Path(params.out))  # never the study's record
     key = key or predict_split_key(params.organ, tag, seed, params.split)
     old = manifest.get(key)
     force = force or manifest.stale(old)  # a new model: predict every case again
@@ -299,6 +302,47 @@ def run(
     rec = manifest.get(key)
     assert rec is not None
     return rec
+
+
+def parse_model(spec: str, organ: str | None = None) -> tuple[str, str, int]:
+    """``--model``: ``ORGAN/TAG/seedS`` (``seed`` optional, ``/seedS`` may be left out
+    for seed 0, ``ORGAN/backbone``) or a run folder ``.../ORGAN/TAG/seedS``.
+
+    Returns:
+        (organ, tag, seed); the tag ``backbone`` means the pretrained backbone.
+
+    Raises:
+        ConfigurationError: not of that form, or another organ than ``organ``.
+    """
+    parts = [p for p in Path(spec).expanduser().parts if p not in ("/", "")]
+    if parts and re.fullmatch(r"(seed)?\d+", parts[-1]):
+        seed = int(parts[-1].removeprefix("seed"))
+        parts = parts[:-1]
+    else:
+        seed = 0
+    if len(parts) < 2:
+        raise ConfigurationError(
+            f"--model {spec!r} is not ORGAN/TAG/seedS or a run folder.",
+            "For example --model pancreas/mob-b3-r16/seed0 or --model pancreas/backbone.",
+        )
+    found_organ, tag = parts[-2], parts[-1]
+    if organ is not None and organ != found_organ:
+        raise ConfigurationError(f"--model {spec!r} is a model of {found_organ}, not {organ}.")
+    return found_organ, tag, seed
+
+
+def out_key(organ: str, tag: str, seed: int, out: Path) -> str:
+    """The record of a prediction into a user's folder: the run's key plus
+    ``/out-<8 hex>``, a digest of the folder's absolute path.
+
+    Its own key keeps ``predict/<organ>/<tag>/seed<S>`` (the test split's
+    prediction that ``evaluate`` scores) untouched, and ``evaluate``'s study
+    mode never reads five-part keys.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(str(Path(out).expanduser().resolve()).encode()).hexdigest()[:8]
+    return f"{predict_key(organ, tag, seed)}/out-{digest}"
 
 
 def predict_files(

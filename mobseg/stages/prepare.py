@@ -57,7 +57,14 @@ from mobseg import progress
 from mobseg.data import nifti
 from mobseg.data.meta import MetaProblem, parse_meta
 from mobseg.data.phantom import PhantomConfig, ensure_phantom
-from mobseg.data.source import DirSource, Source, ct_relpath, mask_relpath, open_source
+from mobseg.data.source import (
+    DirSource,
+    NnunetRawSource,
+    Source,
+    ct_relpath,
+    mask_relpath,
+    open_source,
+)
 from mobseg.data.splits import Splits, check_fractions, make_splits
 from mobseg.data.structures import PAPER_ORGANS, STRUCTURES, resolve_organ
 from mobseg.errors import ConfigurationError, InvalidInputError, MobsegError
@@ -231,6 +238,12 @@ def _acquire(ws: Workspace, params: PrepareParams, force: bool) -> tuple[str, So
         archive = fetch_dataset(params.subset, ws.downloads, params.zenodo_url)
         return "zenodo", open_source(archive)
     src = open_source(params.source)
+    if isinstance(src, NnunetRawSource) and src.label_value(params.organ) is None:
+        names = ", ".join(f"{n!r} ({v})" for n, v in src.labels.items())
+        raise ConfigurationError(
+            f"The nnU-Net dataset has no label named {params.organ!r} (its labels: {names}).",
+            "Give the --organ whose name dataset.json uses for the label.",
+        )
     return src.kind, src
 
 
@@ -654,6 +667,8 @@ def _write_dataset_json(
             "description": (
                 f"{organ} (binary) from the mobseg phantom (synthetic CT, known label law)"
                 if phantom
+                else f"{organ} (binary) from an nnU-Net raw dataset, cases without it dropped"
+                if source_label == "nnunet"
                 else f"{organ} (binary) from TotalSegmentator v2.0.1 CT, cases without it dropped"
             ),
             "reference": "Wasserthal et al., TotalSegmentator, Radiology: AI 2023"

@@ -73,6 +73,20 @@ def _check_case(results: Any, case: str) -> None:
     )
 
 
+def _samples_figure(
+    ws: Workspace, results: Any, organ: str, case: str, path: Path
+) -> tuple[Path, str] | None:
+    """The saved samples beside the annotators' masks of ``case``; (path, run tag) or None."""
+    from mobseg.data.references import reference_masks
+    from mobseg.report import figures as figs
+
+    run = figs.samples_run(results, organ, case)
+    if run is None:
+        return None
+    drawn = figs.samples_figure(results, organ, case, reference_masks(ws, organ, case), path)
+    return None if drawn is None else (drawn, run.tag)
+
+
 def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     """Write every table, figure and document; returns the outputs of the record."""
     from mobseg.report import document as doc
@@ -140,6 +154,19 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
         )
         if got is not None:
             cases.append((organ, got[0], got[1]))
+    samples = []
+    for organ, _, case in cases:
+        drawn = figure(
+            f"samples_{organ}",
+            _samples_figure,
+            ws,
+            results,
+            organ,
+            case,
+            fig_dir / f"samples_{organ}.png",
+        )
+        if drawn is not None:
+            samples.append((organ, drawn[0], case, drawn[1]))
 
     def fig_block(path: Path | None, caption: str) -> list[doc.Block]:
         if path is None:
@@ -206,8 +233,18 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
                 f"Figure {first_case + 1 + i}: {organ_label(organ)}, case {case} ({chosen}). "
                 "One row per "
                 "method (lowest seed): CT (window -160..240 HU) with ground truth (green) and "
-                "prediction (red, dashed); the organ probability; the predictive variance. "
-                "Colour bars are shared by all rows.",
+                "prediction (red, dashed); the organ probability; the predictive variance; the "
+                "predictive entropy; the mutual information between the label and the model's "
+                "sample (its epistemic part). Colour bars are shared by all rows.",
+            )
+        n_fig = first_case + len(cases)
+        for i, (organ, path, case, tag) in enumerate(samples):
+            blocks += fig_block(
+                path,
+                f"Figure {n_fig + 1 + i}: {organ_label(organ)}, case {case}: the annotators' "
+                f"masks (top row) beside joint samples of {tag} that predict saved "
+                "(`--save-samples`, bottom row), on one slice. Samples that vary where and "
+                "as much as the annotators do are what the covariance model is for.",
             )
     blocks += [doc.Heading("Runs"), tables["table6_runs"]]
     if notes:
@@ -217,7 +254,7 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
     atomic_write_text(md_path, doc.render_markdown(TITLE, blocks))
     atomic_write_text(html_path, doc.render_html(TITLE, blocks))
     figures = [p for p in (reliability, bases, risk, case_scores, truth_fig) if p is not None]
-    figures += [c[1] for c in cases]
+    figures += [c[1] for c in cases] + [s[1] for s in samples]
     return {
         "report_md": str(md_path),
         "report_html": str(html_path),

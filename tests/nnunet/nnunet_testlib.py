@@ -14,6 +14,8 @@ import threading
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import SimpleITK as sitk
 import torch
 from torch import nn
 
@@ -60,6 +62,62 @@ DATASET_JSON = {
     "numTraining": 1,
     "file_ending": ".nii.gz",
 }
+
+
+def model_folder(
+    root: Path,
+    labels: dict[str, object] | None = None,
+    classes: int | None = None,
+    plans: dict | None = None,
+    name: str = "nnUNetTrainer__microPlans__3d_fullres",
+    seed: int = 0,
+) -> Path:
+    """An nnU-Net results folder (plans.json, dataset.json, fold_0's checkpoint) of the
+    micro plans, with random weights for ``classes`` outputs (default: the labels)."""
+    labels = labels or {"background": 0, "pancreas": 1}
+    plans = plans or micro_plans()
+    folder = root / "Dataset990_micro" / name
+    (folder / "fold_0").mkdir(parents=True)
+    (folder / "plans.json").write_text(json.dumps(plans))
+    dataset = {"channel_names": {"0": "CT"}, "labels": labels, "file_ending": ".nii.gz"}
+    (folder / "dataset.json").write_text(json.dumps(dataset))
+    from mobseg.nnunet.network import build_backbone
+
+    torch.manual_seed(seed)
+    pm, cm = managers(plans)
+    net = build_backbone(pm, cm, 1, classes or len(labels), deep_supervision=True)
+    torch.save(
+        {"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer", "current_epoch": 7},
+        folder / "fold_0" / "checkpoint_final.pth",
+    )
+    return folder
+
+
+def nnunet_raw_dataset(
+    root: Path, n: int = 5, name: str = "Dataset123_Two"
+) -> tuple[Path, dict[str, np.ndarray]]:
+    """imagesTr/labelsTr with labels liver (1) and pancreas (2), 12^3 voxels of 2 mm."""
+    ds = root / name
+    (ds / "imagesTr").mkdir(parents=True)
+    (ds / "labelsTr").mkdir()
+    rng = np.random.default_rng(0)
+    labels = {}
+    for i in range(n):
+        case = f"abdomen_{i:03d}"
+        ct = sitk.GetImageFromArray(rng.normal(0, 100, (12, 12, 12)).astype(np.int16))
+        ct.SetSpacing((2.0, 2.0, 2.0))
+        ct.SetOrigin((float(i), -3.0, 5.0))
+        lab = np.zeros((12, 12, 12), np.uint8)
+        lab[2:5, 3:9, 3:9] = 1
+        lab[6 : 8 + i % 3, 4:8, 4:8] = 2
+        img = sitk.GetImageFromArray(lab)
+        img.CopyInformation(ct)
+        sitk.WriteImage(ct, str(ds / "imagesTr" / f"{case}_0000.nii.gz"))
+        sitk.WriteImage(img, str(ds / "labelsTr" / f"{case}.nii.gz"))
+        labels[case] = lab
+    meta = {"channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": 1, "pancreas": 2}}
+    (ds / "dataset.json").write_text(json.dumps({**meta, "file_ending": ".nii.gz"}))
+    return ds, labels
 
 
 def managers(plans: dict[str, Any] | None = None) -> tuple[Any, Any]:

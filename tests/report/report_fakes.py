@@ -67,14 +67,19 @@ def ct_volume(case_index: int, rng: np.random.Generator) -> np.ndarray:
 
 
 def prediction(case_index: int, quality: float, shift: float) -> dict[str, np.ndarray]:
-    """prob, var, entropy for one case; higher quality = sharper, less shifted."""
+    """prob, var, entropy, mi for one case; higher quality = sharper, less shifted."""
     d = signed_distance(case_index) + shift
     prob = 1.0 / (1.0 + np.exp(d * quality))
     prob = prob.astype(np.float32)
     var = (prob * (1 - prob) * 0.3).astype(np.float32)
     p = np.clip(prob.astype(np.float64), 1e-12, 1 - 1e-12)
     ent = (-(p * np.log(p) + (1 - p) * np.log(1 - p))).astype(np.float32)
-    return {"prob": prob, "var": var, "entropy": ent}
+    # MI = H[E p] - E H[p] >= 0: a fraction of the entropy, largest on the border
+    return {"prob": prob, "var": var, "entropy": ent, "mi": (0.4 * ent).astype(np.float32)}
+
+
+#: Joint sample masks predict saves for stochastic runs: shifts of the organ border.
+SAMPLE_SHIFTS = (-0.8, 0.0, 0.9)
 
 
 CASES = ("s0000", "s0001", "s0002")
@@ -142,6 +147,10 @@ def build_study(
                 for name, arr in pr.items():
                     write(arr, pred_dir / f"{case}_{name}.nii.gz")
                 write((pr["prob"] > 0.5).astype(np.uint8), pred_dir / f"{case}_seg.nii.gz")
+                if head is not None and head.method == "mob":
+                    for k, s in enumerate(SAMPLE_SHIFTS):
+                        mask = (signed_distance(i) + shift + s < 0).astype(np.uint8)
+                        write(mask, pred_dir / f"{case}_sample{k}.nii.gz")
             params = {
                 "organ": organ,
                 "seed": seed,

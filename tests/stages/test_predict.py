@@ -89,8 +89,14 @@ def test_backbone_on_the_real_ct_keeps_its_geometry(
     ct = totalseg_example / "s0000" / "ct.nii.gz"
     out = tmp_path / "real"
     params = predict.PredictParams("pancreas", backbone=True, input=ct, out=out, device="cpu")
+    study = predict.PredictParams("pancreas", backbone=True, device="cpu")
+    study_rec = predict.run(micro_ws, study)
     rec = predict.run(micro_ws, params)
-    assert rec.key == "predict/pancreas/backbone/seed0"
+    # a user's output folder has its own record: the test split's stays as it was
+    assert rec.key == predict.out_key("pancreas", "backbone", 0, out)
+    assert rec.key.startswith("predict/pancreas/backbone/seed0/out-")
+    manifest = Manifest(micro_ws.manifest_path)
+    assert manifest.get("predict/pancreas/backbone/seed0") == study_rec
     assert rec.outputs["pred_dir"] == str(out) and rec.outputs["cases"] == ["s0000"]
     ref = sitk.ReadImage(str(ct))
     for suffix in ("seg", "prob", "var", "entropy", "mi"):

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from nnunet_testlib import nnunet_raw_dataset
 from typer.testing import CliRunner
 
 from mobseg.cli import app
@@ -798,3 +799,36 @@ def test_zenodo_source_downloads_into_the_workdir_and_prepares(
     assert (ws.downloads / name).read_bytes() == archive.read_bytes()
     included = {c for c, r in cases_by_id(rec.outputs).items() if r["status"] == "included"}
     assert included == set(VISIBLE)
+
+
+# -- an nnU-Net raw dataset as the source (issue 15) -----------------------------------
+def test_prepare_from_an_nnunet_raw_dataset(tmp_path: Path) -> None:
+    ds, labels = nnunet_raw_dataset(tmp_path)
+    ws = Workspace(tmp_path / "work")
+    rec = run(ws, PrepareParams(organ="pancreas", source=str(ds), test_fraction=0.2))
+    out = rec.outputs
+    assert out["source"] == "nnunet" and out["source_dir"] == str(ds.resolve())
+    raw = Path(out["raw_dir"])
+    splits = json.loads(Path(out["splits_json"]).read_text())
+    cases = splits["train"] + splits["val"] + splits["test"]
+    assert sorted(cases) == sorted(labels)  # nnU-Net's case names are kept
+    for case in cases:
+        where = "Tr" if case not in splits["test"] else "Ts"
+        label = sitk.ReadImage(str(raw / f"labels{where}" / f"{case}.nii.gz"))
+        # the organ's label only, as 0/1, on the CT's grid
+        np.testing.assert_array_equal(
+            sitk.GetArrayFromImage(label), (labels[case] == 2).astype(np.uint8)
+        )
+        image = sitk.ReadImage(str(raw / f"images{where}" / f"{case}_0000.nii.gz"))
+        src = sitk.ReadImage(str(ds / "imagesTr" / f"{case}_0000.nii.gz"))
+        assert image.GetOrigin() == src.GetOrigin() == label.GetOrigin()
+        np.testing.assert_array_equal(sitk.GetArrayFromImage(image), sitk.GetArrayFromImage(src))
+    dataset_json = json.loads((raw / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "pancreas": 1}
+    assert "nnU-Net raw dataset" in dataset_json["description"]
+
+
+def test_prepare_from_nnunet_raw_needs_the_organs_label(tmp_path: Path) -> None:
+    ds, _ = nnunet_raw_dataset(tmp_path, n=2)
+    with pytest.raises(ConfigurationError, match=r"no label named 'spleen'.*'liver' \(1\)"):
+        run(Workspace(tmp_path / "work"), PrepareParams(organ="spleen", source=str(ds)))

@@ -7,6 +7,7 @@ import csv
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import report_fakes as fakes
 from PIL import Image
@@ -45,6 +46,7 @@ def test_writes_tables_figures_and_documents(reported: tuple[Workspace, dict]) -
         "figures/case_score_dice.png",
         "figures/variance_truth.png",
         "figures/case_pancreas.png",
+        "figures/samples_pancreas.png",
     }
     for fig in out["figures"]:
         with Image.open(root / fig) as im:
@@ -197,3 +199,80 @@ def test_failure_and_conformal_tables_hold_the_evaluated_numbers(
     mob = next(ln for ln in conformal.splitlines() if "| Mixture-of-Bases |" in ln)
     cells = [c.strip() for c in mob.split("|")]
     assert cells[3] == "-" and cells[5] != "-"  # no val predictions: no lambda; FNR at 0.5
+
+
+def _captured_figures(monkeypatch: pytest.MonkeyPatch) -> dict[str, object]:
+    """Keep every matplotlib figure the report saves, by file name."""
+    from mobseg.report import figures as figs
+
+    saved: dict[str, object] = {}
+    real = figs._save
+
+    def keep(fig: object, path: Path) -> Path:
+        saved[Path(path).name] = fig
+        return real(fig, path)
+
+    monkeypatch.setattr(figs, "_save", keep)
+    return saved
+
+
+def test_case_panels_show_entropy_and_mutual_information(
+    reported: tuple[Workspace, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws, _ = reported
+    saved = _captured_figures(monkeypatch)
+    rec = run(ws, ReportParams(out=tmp_path / "r", case="s0001"))
+    fig = saved["case_pancreas.png"]
+    titles = [ax.get_title() for ax in fig.axes if ax.get_title()]  # type: ignore[attr-defined]
+    assert titles[:5] == [
+        "CT, ground truth and prediction",
+        "Foreground probability p",
+        "Predictive variance Var[p]",
+        "Predictive entropy H[E p]",
+        "Mutual information (epistemic)",
+    ]
+    # row 0's MI and entropy panels show one run's maps on one slice: the fakes'
+    # MI is 0.4 x their entropy, voxel by voxel
+    axes = {ax.get_title(): ax for ax in fig.axes if ax.get_title()}  # type: ignore[attr-defined]
+    mi = axes["Mutual information (epistemic)"].get_images()[-1].get_array()
+    ent = axes["Predictive entropy H[E p]"].get_images()[-1].get_array()
+    both = ~np.ma.getmaskarray(mi) & ~np.ma.getmaskarray(ent)
+    assert both.sum() > 20
+    np.testing.assert_allclose(mi.data[both], 0.4 * ent.data[both], rtol=1e-5)
+    assert "mutual information" in Path(rec.outputs["report_md"]).read_text()
+
+
+def test_samples_shown_beside_the_annotators(
+    reported: tuple[Workspace, dict], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mobseg.report import figures as figs
+    from mobseg.report.collect import collect
+
+    ws, _ = reported
+    results = collect(ws)
+    run_ = figs.samples_run(results, "pancreas", "s0002")
+    assert run_ is not None and run_.tag == "mob-b3-r16" and run_.seed == 0
+    names = [p.name for p in figs.sample_masks(run_, "s0002")]
+    assert names == [f"s0002_sample{k}.nii.gz" for k in range(len(fakes.SAMPLE_SHIFTS))]
+    saved = _captured_figures(monkeypatch)
+    rec = run(ws, ReportParams(out=tmp_path / "r", case="s0002"))
+    fig = saved["samples_pancreas.png"]
+    titles = [ax.get_title() for ax in fig.axes]  # type: ignore[attr-defined]
+    # the phantom's three annotators on top, the three saved samples below
+    assert titles == ["annotator 0", "annotator 1", "annotator 2"] + [
+        "sample 0",
+        "sample 1",
+        "sample 2",
+    ]
+    md = Path(rec.outputs["report_md"]).read_text()
+    assert "annotators' masks (top row) beside joint samples of mob-b3-r16" in md
+    assert "figures/samples_pancreas.png" in rec.outputs["figures"]
+
+
+def test_no_samples_figure_without_saved_samples(tmp_path: Path) -> None:
+    only = {"diagonal": fakes.RUNS["diagonal"]}
+    ws = fakes.build_study(tmp_path / "w", seeds=(0,), runs=only)
+    evaluate.run(ws, evaluate.EvaluateParams(organ="pancreas"))
+    rec = run(ws, ReportParams())
+    assert "figures/case_pancreas.png" in rec.outputs["figures"]
+    assert not any("samples_" in f for f in rec.outputs["figures"])
