@@ -406,7 +406,9 @@ def predict(
         typer.Option(
             help="Comma-separated maps to write: seg, prob, var, entropy, mi, and logits "
             "(two classes: <case>_logit_mean / _logit_var, the mean and variance of the "
-            "logit difference). The segmentation is always written.",
+            "logit difference), between (MC dropout / --tta-mixture: the between-pass "
+            "variance of the logit difference, always written then). The segmentation is "
+            "always written.",
         ),
     ] = "seg,prob,var,entropy,mi",
     save_samples: Annotated[
@@ -444,6 +446,21 @@ def predict(
         str | None,
         typer.Option(help="Ensemble: comma-separated member seeds; default: every predicted seed."),
     ] = None,
+    passes: Annotated[
+        int | None,
+        typer.Option(
+            help="MC dropout: T stochastic passes per tile of a run fine-tuned with "
+            "--mc-dropout (default 10), kept as a mixture; other runs: 1."
+        ),
+    ] = None,
+    tta_mixture: Annotated[
+        bool,
+        typer.Option(
+            "--tta-mixture",
+            help="Keep the mirrored passes as a mixture (their spread adds to the variance; "
+            "<case>_logit_var_between holds it); recorded under the tag <tag>-ttamix.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
@@ -487,6 +504,8 @@ def predict(
             run=run,
             inference_mixing=inference_mixing,
             split=split,
+            passes=passes,
+            tta_mixture=tta_mixture,
         )
         return stage.run(workspace(), params, force=force)
 
