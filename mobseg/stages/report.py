@@ -209,6 +209,7 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
                 "prediction (red, dashed); the organ probability; the predictive variance. "
                 "Colour bars are shared by all rows.",
             )
+    blocks += [doc.Heading("Cost of prediction"), tables["table7_cost"]]
     blocks += [doc.Heading("Runs"), tables["table6_runs"]]
     if notes:
         blocks += [doc.Heading("Notes"), doc.Paragraph(" ".join(notes))]
