@@ -735,6 +735,14 @@ def study(
             help="Predict and evaluate the pretrained backbone (the paper's Deterministic row).",
         ),
     ] = True,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines",
+            help="Add the sampling-based baselines: MC dropout, the deep ensemble and the TTA "
+            "mixture of the deterministic control, and mob on a frozen backbone.",
+        ),
+    ] = False,
     preset: PresetOpt = "paper",
     source: Annotated[
         str | None,
@@ -878,6 +886,7 @@ def study(
             ablation_bases=None if bases_ablation is None else grid.parse_bases(bases_ablation),
             ablation_organ=_organ(ablation_organ),
             backbone=backbone,
+            baselines=baselines,
             preset=preset,
             device=device,
             source=source,
