@@ -338,3 +338,47 @@ def test_tta_mixture_gets_its_own_key_and_adds_the_mirror_spread(
         predict.run(micro_ws, replace(base, passes=2, out=tmp_path / "p2"))
     with pytest.raises(ConfigurationError, match="--no-tta"):
         predict.run(micro_ws, replace(base, tta_mixture=True, tta=False))
+
+
+@pytest.mark.slow
+def test_cli_finetune_mc_dropout_then_predict(micro_ws: Workspace) -> None:
+    """``mobseg finetune --mc-dropout`` + ``mobseg predict --run``: T passes by default."""
+    from typer.testing import CliRunner
+
+    from mobseg.cli import app
+
+    def cli(*args: str):
+        res = CliRunner().invoke(app, ["--workdir", str(micro_ws.root), *args])
+        assert res.exit_code == 0, res.output
+        return res
+
+    common = ["--organ", "pancreas", "--method", "deterministic", "--seed", "23"]
+    cli(
+        "finetune", *common, "--mc-dropout", "--epochs", "1", "--iterations", "1", "--device", "cpu"
+    )
+    manifest = Manifest(micro_ws.manifest_path)
+    tag = next(
+        r.key.split("/")[2]
+        for r in manifest.find("finetune", "finetune/pancreas/")
+        if "/seed23" in r.key
+    )
+    assert "-mcd0.1" in tag
+    cli(
+        "predict",
+        "--organ",
+        "pancreas",
+        "--run",
+        tag,
+        "--seed",
+        "23",
+        "--no-tta",
+        "--device",
+        "cpu",
+    )
+    rec = manifest.get(f"predict/pancreas/{tag}/seed23")
+    assert rec is not None and rec.done
+    assert rec.outputs["passes"] == predict.DEFAULT_PASSES and rec.outputs["decoder_dropout"] == 0.1
+    out = Path(rec.outputs["pred_dir"])
+    case = rec.outputs["cases"][0]
+    assert (out / f"{case}_logit_var_between.nii.gz").is_file()
+    assert _read(out / f"{case}_var.nii.gz").max() > 0  # the deterministic head, made uncertain
