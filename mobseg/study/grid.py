@@ -908,7 +908,7 @@ def add_baselines(spec: StudySpec, plan: Plan) -> list[str]:
     (shared with the main grid when it has ``deterministic``), its MC-dropout
     variant (``finetune --mc-dropout``, rate :data:`BASELINE_DROPOUT`) with
     its T-pass prediction, the control's TTA mixture (``predict
-    --tta-mixture``), mob fine-tuned on the frozen backbone
+    --tta-mixture``; not with the spec's TTA off), mob fine-tuned on the frozen backbone
     (``--freeze-backbone``); and, with two or more seeds, the deep ensemble
     of the control's seeds. Each is predicted and evaluated like a method.
     """
@@ -924,9 +924,10 @@ def add_baselines(spec: StudySpec, plan: Plan) -> list[str]:
         variants = [
             (control, {}, False),
             (control, {"decoder_dropout": BASELINE_DROPOUT}, False),
-            (control, {}, True),
             (spec.head("mob"), {"freeze_backbone": True}, False),
         ]
+        if spec.tta:  # the TTA mixture needs the mirrored passes
+            variants.append((control, {}, True))
         for head, options, mixture in variants:
             for seed in spec.seed_list:
                 fp = replace(_finetune_params(spec, organ, head, seed), **options)

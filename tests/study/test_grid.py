@@ -520,3 +520,10 @@ def test_baselines_are_opt_in_and_add_their_runs() -> None:
     # one seed: no ensemble
     one = expand(StudySpec(**{**base.__dict__, "baselines": True, "seeds": 1}))
     assert "predict/pancreas/ensemble-deterministic/seed0" not in one
+
+
+def test_baselines_without_tta_have_no_tta_mixture() -> None:
+    spec = StudySpec(organs=("pancreas",), seeds=1, ablation_bases=(), baselines=True, tta=False)
+    plan = expand(spec)
+    assert "predict/pancreas/deterministic-mcd0.1/seed0" in plan
+    assert not [k for k in plan.jobs if "ttamix" in k]
