@@ -502,7 +502,9 @@ def predict(
         typer.Option(
             help="Comma-separated maps to write: seg, prob, var, entropy, mi, and logits "
             "(two classes: <case>_logit_mean / _logit_var, the mean and variance of the "
-            "logit difference). The segmentation is always written.",
+            "logit difference), between (MC dropout / --tta-mixture: the between-pass "
+            "variance of the logit difference, always written then). The segmentation is "
+            "always written.",
         ),
     ] = "seg,prob,var,entropy,mi",
     save_samples: Annotated[
@@ -547,6 +549,21 @@ def predict(
         str | None,
         typer.Option(help="Ensemble: comma-separated member seeds; default: every predicted seed."),
     ] = None,
+    passes: Annotated[
+        int | None,
+        typer.Option(
+            help="MC dropout: T stochastic passes per tile of a run fine-tuned with "
+            "--mc-dropout (default 10), kept as a mixture; other runs: 1."
+        ),
+    ] = None,
+    tta_mixture: Annotated[
+        bool,
+        typer.Option(
+            "--tta-mixture",
+            help="Keep the mirrored passes as a mixture (their spread adds to the variance; "
+            "<case>_logit_var_between holds it); recorded under the tag <tag>-ttamix.",
+        ),
+    ] = False,
     device: DeviceOpt = "auto",
     force: ForceOpt = False,
 ) -> None:
@@ -600,6 +617,8 @@ def predict(
             run=run_tag,
             inference_mixing=inference_mixing,
             split=split,
+            passes=passes,
+            tta_mixture=tta_mixture,
         )
         return stage.run(workspace(), params, force=force)
 
@@ -829,6 +848,14 @@ def study(
             help="Predict and evaluate the pretrained backbone (the paper's Deterministic row).",
         ),
     ] = True,
+    baselines: Annotated[
+        bool,
+        typer.Option(
+            "--baselines",
+            help="Add the sampling-based baselines: MC dropout, the deep ensemble and the TTA "
+            "mixture of the deterministic control, and mob on a frozen backbone.",
+        ),
+    ] = False,
     preset: PresetOpt = "paper",
     source: Annotated[
         str | None,
@@ -972,6 +999,7 @@ def study(
             ablation_bases=None if bases_ablation is None else grid.parse_bases(bases_ablation),
             ablation_organ=_organ(ablation_organ),
             backbone=backbone,
+            baselines=baselines,
             preset=preset,
             device=device,
             source=source,

@@ -26,7 +26,10 @@ E[p] (float32; C > 2: a vector image of classes 1..C-1); Var[p] of the
 foreground; predictive entropy H(E[p]) and mutual information
 H(E[p]) - E[H(p)] (nats). With ``logits`` in the saved maps and C = 2, also
 ``<case>_logit_mean.nii.gz`` (m) and ``<case>_logit_var.nii.gz`` (s^2) on the
-CT's grid, from which every map can be recomputed.
+CT's grid, from which every map can be recomputed. A mixture of passes (MC
+dropout, ``--tta-mixture``; :mod:`mobseg.core.mixture`) carries a third
+channel, the between-pass variance Var_t(m_t) of d, resampled like the
+others and written as ``<case>_logit_var_between.nii.gz`` (``between``).
 
 Sample label maps (``<case>_sample<k>.nii.gz``, uint8, k = 0..S-1) go through
 steps 1-3 with nnU-Net's segmentation resampling (each label resampled as a
@@ -51,9 +54,11 @@ from mobseg.data.nifti import Geometry, atomic_path, write_array
 #: Maps written per case by default (``seg`` is always written, last).
 OUTPUT_SUFFIXES: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
 #: Names ``--save`` accepts: the default maps, and ``logits`` (C = 2: m and s^2).
-SAVE_CHOICES: tuple[str, ...] = (*OUTPUT_SUFFIXES, "logits")
+SAVE_CHOICES: tuple[str, ...] = (*OUTPUT_SUFFIXES, "logits", "between")
 #: The files of ``logits``.
 LOGIT_SUFFIXES: tuple[str, ...] = ("logit_mean", "logit_var")
+#: The file of ``between``: the between-pass variance of d of a mixture of passes.
+BETWEEN_SUFFIX = "logit_var_between"
 #: m outside nnU-Net's crop (certain background).
 OUTSIDE_LOGIT = -100.0
 
@@ -61,8 +66,9 @@ OUTSIDE_LOGIT = -100.0
 def file_suffixes(save: tuple[str, ...] = OUTPUT_SUFFIXES) -> tuple[str, ...]:
     """The file suffixes of the maps ``save`` (``logits`` gives two files), ``seg`` last."""
     out: list[str] = []
+    names = {"logits": LOGIT_SUFFIXES, "between": (BETWEEN_SUFFIX,)}
     for name in save:
-        out.extend(LOGIT_SUFFIXES if name == "logits" else [name])
+        out.extend(names.get(name, [name]))
     return (*[s for s in out if s != "seg"], "seg")
 
 
@@ -128,6 +134,7 @@ def parameters_to_original_grid(
     plans_manager: Any,
     configuration_manager: Any,
     num_classes: int,
+    mixture: bool = False,
 ) -> np.ndarray:
     """Undo resampling, cropping and transpose on stitched distribution parameters.
 
@@ -137,6 +144,8 @@ def parameters_to_original_grid(
         plans_manager: nnU-Net's PlansManager.
         configuration_manager: nnU-Net's ConfigurationManager.
         num_classes: C.
+        mixture: ``params`` has the extra between-pass channel of a mixture
+            of passes (C = 2; zero outside the crop).
 
     Returns:
         (P, *original_shape) float32 in the image file's array order
@@ -144,7 +153,7 @@ def parameters_to_original_grid(
     """
     p = params.detach().cpu().numpy() if isinstance(params, torch.Tensor) else params
     p = np.asarray(p, dtype=np.float32)
-    channels = num_parameter_channels(num_classes)
+    channels = num_parameter_channels(num_classes) + (1 if mixture else 0)
     if p.ndim != 4 or p.shape[0] != channels:
         raise ValueError(
             f"parameters must have shape ({channels}, x, y, z) for C = {num_classes}, got {p.shape}"
@@ -201,6 +210,7 @@ def derive_maps(
     num_classes: int,
     samples: int = 30,
     generator: torch.Generator | None = None,
+    mixture: bool = False,
 ) -> dict[str, np.ndarray]:
     """The maps of every :data:`SAVE_CHOICES` file from parameters on one grid.
 
@@ -209,13 +219,18 @@ def derive_maps(
         num_classes: C.
         samples: Monte-Carlo samples per voxel for C > 2.
         generator: Random generator for C > 2.
+        mixture: ``params`` ends with the between-pass variance channel.
 
     Returns:
         ``seg`` (uint8), ``prob``, ``var`` ((C-1, *shape) float32 for C > 2,
-        else (*shape)), ``entropy``, ``mi`` (float32), and for C = 2
-        ``logit_mean`` and ``logit_var``.
+        else (*shape)), ``entropy``, ``mi`` (float32), for C = 2
+        ``logit_mean`` and ``logit_var``, and with ``mixture``
+        ``logit_var_between``.
     """
     t = torch.as_tensor(np.asarray(params, dtype=np.float32))
+    between = None
+    if mixture:
+        t, between = t[:-1], t[-1]
     maps = voxel_maps(t, num_classes, samples=samples, generator=generator)
     out = {
         "seg": maps.seg.numpy(),
@@ -227,6 +242,8 @@ def derive_maps(
     if num_classes == 2:
         out["logit_mean"] = t[0].numpy()
         out["logit_var"] = t[1].clamp_min(0).numpy()
+    if between is not None:
+        out[BETWEEN_SUFFIX] = between.clamp_min(0).numpy()
     return out
 
 
@@ -280,6 +297,7 @@ def export_parameters(
     samples: torch.Tensor | np.ndarray | None = None,
     save: tuple[str, ...] = OUTPUT_SUFFIXES,
     mc_samples: int = 30,
+    mixture: bool = False,
 ) -> dict[str, Path]:
     """Resample, uncrop, untranspose, compute the maps and write them for one case.
 
@@ -296,6 +314,7 @@ def export_parameters(
             ``<case>_sample<k>.nii.gz`` before the segmentation; None = none.
         save: The maps to write (:data:`SAVE_CHOICES`); the segmentation always.
         mc_samples: Monte-Carlo samples per voxel for C > 2.
+        mixture: ``params`` has the between-pass channel of a mixture of passes.
 
     Returns:
         The written files by suffix.
@@ -305,14 +324,14 @@ def export_parameters(
     """
     geo = read_geometry(reference)
     full = parameters_to_original_grid(
-        params, properties, plans_manager, configuration_manager, num_classes
+        params, properties, plans_manager, configuration_manager, num_classes, mixture
     )
     if tuple(full.shape[1:]) != tuple(reversed(geo.size)):
         raise ValueError(
             f"restored prediction {full.shape[1:]} does not match the input grid "
             f"{tuple(reversed(geo.size))} (z, y, x)"
         )
-    maps = derive_maps(full, num_classes, samples=mc_samples)
+    maps = derive_maps(full, num_classes, samples=mc_samples, mixture=mixture)
     written: dict[str, Path] = {}
     if samples is not None and len(samples):
         restored = labels_to_original_grid(

@@ -34,6 +34,16 @@ is nearest). Every voxel's label is then an exact draw from that tile's
 predictive distribution, and the spatial correlation of the covariance model
 holds inside each tile; across the seams between tiles the S samples are
 independent. This costs S bytes per voxel plus one float32 map.
+
+Mixtures of passes (``passes`` = T > 1 for MC dropout, with the decoder's
+dropout hooks in training mode; ``tta_mixture`` for the mirrored passes):
+the passes are kept as an equally weighted mixture and carried as its
+moment-matched Gaussian (:mod:`mobseg.core.mixture`): three channels, m, s^2
+(within + between) and the between-pass variance Var_t(m_t), stitched like
+the others. With MC dropout and plain TTA, the T dropout passes of each
+mirrored pass form a mixture and the mirrored passes' moment-matched
+parameters are averaged; with ``tta_mixture`` all (mirror, dropout) passes
+form one mixture. Two classes only.
 """
 
 from __future__ import annotations
@@ -48,6 +58,7 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
 from mobseg.core.inference import marginal_parameters, num_parameter_channels
+from mobseg.core.mixture import PassMoments
 from mobseg.nnunet.env import quiet
 
 log = logging.getLogger(__name__)
@@ -62,6 +73,10 @@ class HeadPredictor(nnUNetPredictor):
         device: Torch device.
         save_samples: S, joint samples kept as label maps (see the module
             docstring); 0 = none. A point-mass model keeps none.
+        passes: T forward passes per mirrored pass (MC dropout: T > 1).
+        mc_dropout: Put the decoder's dropout hooks (modules with a
+            ``mobseg_dropout`` attribute) in training mode during prediction.
+        tta_mixture: Keep the mirrored passes as a mixture (module docstring).
     """
 
     def __init__(
@@ -70,6 +85,9 @@ class HeadPredictor(nnUNetPredictor):
         use_mirroring: bool = True,
         device: torch.device | str = "cpu",
         save_samples: int = 0,
+        passes: int = 1,
+        mc_dropout: bool = False,
+        tta_mixture: bool = False,
     ) -> None:
         device = torch.device(device)
         with quiet():
@@ -86,6 +104,11 @@ class HeadPredictor(nnUNetPredictor):
         if save_samples < 0:
             raise ValueError(f"save_samples must be >= 0, got {save_samples}")
         self.save_samples = save_samples
+        if passes < 1:
+            raise ValueError(f"passes must be >= 1, got {passes}")
+        self.passes = passes
+        self.mc_dropout = mc_dropout
+        self.tta_mixture = tta_mixture
         self.point_mass = False
         #: (S, *shape) uint8 label maps of the last :meth:`predict_parameters` call, or None.
         self.last_samples: torch.Tensor | None = None
@@ -115,8 +138,16 @@ class HeadPredictor(nnUNetPredictor):
         self.point_mass = point_mass
 
     @property
+    def mixture(self) -> bool:
+        """Whether the passes are kept as a mixture (three channels, see the module docstring)."""
+        return self.passes > 1 or self.tta_mixture
+
+    @property
     def num_parameter_channels(self) -> int:
-        return num_parameter_channels(self.label_manager.num_segmentation_heads)
+        c = self.label_manager.num_segmentation_heads
+        if self.mixture and c != 2:
+            raise ValueError(f"mixtures of passes need two classes, got {c}")
+        return num_parameter_channels(c) + (1 if self.mixture else 0)
 
     @property
     def num_saved_samples(self) -> int:
@@ -131,6 +162,12 @@ class HeadPredictor(nnUNetPredictor):
             axes_sets += [
                 c for n in range(1, len(mirror) + 1) for c in itertools.combinations(mirror, n)
             ]
+        if self.mc_dropout:  # nnU-Net put the network in eval mode; dropout stays active
+            for module in self.network.modules():
+                if hasattr(module, "mobseg_dropout"):
+                    module.train()
+        if self.mixture:
+            return self._mixture_passes(x, axes_sets)
         total: torch.Tensor | None = None
         for axes in axes_sets:
             xin = torch.flip(x, axes) if axes else x
@@ -141,6 +178,27 @@ class HeadPredictor(nnUNetPredictor):
             if axes:
                 par = torch.flip(par, axes)
             total = par if total is None else total + par
+        assert total is not None
+        return total / len(axes_sets)
+
+    def _mixture_passes(self, x: torch.Tensor, axes_sets: list[tuple[int, ...]]) -> torch.Tensor:
+        """(B, 3, *sp) moment-matched parameters of the passes (module docstring)."""
+        pooled = PassMoments()
+        total: torch.Tensor | None = None
+        for axes in axes_sets:
+            acc = pooled if self.tta_mixture else PassMoments()
+            xin = torch.flip(x, axes) if axes else x
+            for t in range(self.passes):
+                _, dist = self.network(xin, stochastic=True)
+                par = marginal_parameters(dist)
+                if not axes and t == 0 and self.num_saved_samples:
+                    self._tile_labels = sample_labels(dist, self.num_saved_samples)
+                acc.add(torch.flip(par, axes) if axes else par)
+            if not self.tta_mixture:
+                res = acc.result()
+                total = res if total is None else total + res
+        if self.tta_mixture:
+            return pooled.result()
         assert total is not None
         return total / len(axes_sets)
 

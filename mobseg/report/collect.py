@@ -23,6 +23,14 @@ annotators, learning rate) from its ``finetune`` record, which Table 5b
 shows beside the tag.
 
 The five paper rows are always present (empty cells when not run).
+
+Rows fall into two groups (:attr:`RowKey.group`), in this order:
+:data:`HEADS_GROUP` (the backbone, the fine-tuned heads and their variants,
+frozen-backbone runs included) and :data:`BASELINES_GROUP`, the
+sampling-based baselines: MC-dropout runs (tag ``...-mcd<rate>``),
+TTA mixtures (``...-ttamix``) and deep ensembles (``ensemble-...``).
+Each run carries its prediction's ``seconds_per_case`` (from its predict
+record); :meth:`StudyResults.cost` divides it by the deterministic one's.
 """
 
 from __future__ import annotations
@@ -30,6 +38,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +50,17 @@ from mobseg.manifest import Manifest, StageRecord
 from mobseg.metrics.calibration import CalibrationAccumulator, ReliabilityBins
 from mobseg.metrics.io import read_metrics_csv
 from mobseg.report.paper import PAPER_ORGANS
-from mobseg.stages.predict import BACKBONE_TAG
+from mobseg.stages.predict import BACKBONE_TAG, TTA_MIXTURE_SUFFIX
 from mobseg.workspace import Workspace
 
 log = logging.getLogger(__name__)
 
 #: Methods that are not heads but baselines built from runs (rows after the heads).
 BASELINE_METHODS: tuple[str, ...] = ("ensemble",)
+
+#: Row groups of the tables (:attr:`RowKey.group`).
+HEADS_GROUP = "Covariance heads"
+BASELINES_GROUP = "Sampling-based baselines"
 
 BACKBONE_LABEL = "Deterministic (nnU-Net backbone)"
 FINETUNED_DETERMINISTIC_LABEL = "Deterministic (fine-tuned control)"
@@ -89,6 +102,7 @@ class RunResult:
     key: str = ""
     variant: bool = False
     training: dict[str, Any] | None = None
+    seconds_per_case: float | None = None
 
     def value(self, name: str) -> float:
         """A summary number as float (NaN when missing)."""
@@ -108,12 +122,14 @@ class RowKey:
         method: Method name.
         label: Display name.
         paper_row: The paper's row name whose values it shows, or None.
+        group: :data:`HEADS_GROUP` or :data:`BASELINES_GROUP`.
     """
 
     tag: str
     method: str
     label: str
     paper_row: str | None
+    group: str = HEADS_GROUP
 
 
 @dataclass
@@ -161,6 +177,25 @@ class StudyResults:
             (r for r in self.runs if r.organ == organ and r.tag == tag), key=lambda r: r.seed
         )
 
+    def seconds_per_case(self, organ: str, tag: str) -> float:
+        """Mean over seeds of the recorded prediction seconds per case (NaN if none)."""
+        m, _, _ = mean_std(
+            [r.seconds_per_case for r in self.group(organ, tag) if r.seconds_per_case is not None]
+        )
+        return m
+
+    def cost(self, organ: str, tag: str) -> float:
+        """Seconds per case of ``tag`` relative to the deterministic prediction's, same organ.
+
+        The reference is the backbone's (``backbone``), else the fine-tuned
+        deterministic control's (``deterministic``); NaN when either is unknown.
+        """
+        for ref in (BACKBONE_TAG, "deterministic"):
+            base = self.seconds_per_case(organ, ref)
+            if math.isfinite(base) and base > 0:
+                return self.seconds_per_case(organ, tag) / base
+        return float("nan")
+
     def has_runs(self, organ: str) -> bool:
         """Whether any run of ``organ`` was evaluated."""
         return any(r.organ == organ for r in self.runs)
@@ -176,6 +211,20 @@ class StudyResults:
         return acc
 
 
+def is_baseline(tag: str, method: str) -> bool:
+    """Whether a row is a sampling-based baseline (MC dropout, TTA mixture, ensemble)."""
+    return method in BASELINE_METHODS or "-mcd" in tag or tag.endswith(TTA_MIXTURE_SUFFIX)
+
+
+def baseline_label(tag: str, method: str) -> str:
+    """Display name of a sampling-based baseline row."""
+    if method == "ensemble":
+        return f"Deep ensemble ({tag.removeprefix('ensemble-')})"
+    if tag.endswith(TTA_MIXTURE_SUFFIX):
+        return f"TTA mixture ({tag.removesuffix(TTA_MIXTURE_SUFFIX)})"
+    return f"MC dropout ({tag})"
+
+
 def _tag_sort_key(tag: str, bases: int | None) -> tuple[int, str]:
     return (bases if bases is not None else 0, tag)
 
@@ -188,8 +237,12 @@ def row_keys(
     Tags in ``variants`` (loss or training suffix) never stand in for the paper's row.
     """
     by_method: dict[str, dict[str, int | None]] = {m: {} for m in METHOD_NAMES}
+    baselines: set[tuple[str, str]] = set()
     for tag, method, bases in present:
         if tag == BACKBONE_TAG:
+            continue
+        if is_baseline(tag, method):
+            baselines.add((tag, method))
             continue
         by_method.setdefault(method, {})[tag] = bases
     rows = [RowKey(BACKBONE_TAG, "deterministic", BACKBONE_LABEL, "Deterministic")]
@@ -213,9 +266,15 @@ def row_keys(
         for tag in others:
             extra = f"M={tags[tag]}, {tag}" if method == "mob" and tags[tag] else tag
             rows.append(RowKey(tag, method, f"{label} ({extra})", None))
-    for tag in sorted(by_method.get("ensemble", {})):
-        member = tag.removeprefix("ensemble-")
-        rows.append(RowKey(tag, "ensemble", f"Deep ensemble ({member})", None))
+    kind = {"mcd": 0, "ttamix": 1, "ensemble": 2}
+    for tag, method in sorted(
+        baselines,
+        key=lambda tm: (
+            kind["ensemble" if tm[1] == "ensemble" else "ttamix" if "ttamix" in tm[0] else "mcd"],
+            tm[0],
+        ),
+    ):
+        rows.append(RowKey(tag, method, baseline_label(tag, method), None, BASELINES_GROUP))
     return rows
 
 
@@ -224,6 +283,14 @@ def _resolve(ws: Workspace, value: Any) -> Path | None:
         return None
     p = Path(str(value))
     return p if p.is_absolute() else ws.root / p
+
+
+def _seconds_per_case(records: Mapping[str, StageRecord], rec: StageRecord) -> float | None:
+    """The ``seconds_per_case`` of the prediction an evaluate record scored, or None."""
+    key = rec.inputs.get("predict")
+    pred = records.get(key) if isinstance(key, str) else None
+    value = pred.outputs.get("seconds_per_case") if pred is not None else None
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def training_of(params: dict[str, Any]) -> dict[str, Any]:
@@ -246,7 +313,10 @@ def training_of(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_from_record(
-    ws: Workspace, rec: StageRecord, finetune: StageRecord | None = None
+    ws: Workspace,
+    rec: StageRecord,
+    finetune: StageRecord | None = None,
+    records: Mapping[str, StageRecord] | None = None,
 ) -> RunResult | None:
     parts = rec.key.split("/")
     try:
@@ -275,6 +345,7 @@ def _run_from_record(
         key=rec.key,
         variant=variant,
         training=training_of(finetune.params) if finetune is not None else None,
+        seconds_per_case=_seconds_per_case(records or {}, rec),
     )
     csv_path = _resolve(ws, rec.outputs.get("metrics_csv"))
     if csv_path is not None and csv_path.is_file():
@@ -317,7 +388,7 @@ def collect(ws: Workspace) -> StudyResults:
             continue  # former --region roi records: superseded
         finetune = records.get("finetune/" + rec.key.split("/", 1)[-1])
         run = _run_from_record(
-            ws, rec, finetune if finetune is not None and finetune.done else None
+            ws, rec, finetune if finetune is not None and finetune.done else None, records
         )
         if run is not None:
             results.runs.append(run)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from mobseg.report.collect import RunResult, StudyResults, mean_std
+from mobseg.report.collect import BASELINES_GROUP, RunResult, StudyResults, mean_std
 from mobseg.report.paper import (
     PAPER_CALIBRATION,
     PAPER_DICE,
@@ -209,7 +209,10 @@ def metric_table(
         if start:
             table.rules.add(start)
         quote = not blocks or suffix == PAPER_REGION
-        for key in results.rows():
+        keys = results.rows()
+        for i, key in enumerate(keys):
+            if key.group == BASELINES_GROUP and (i == 0 or keys[i - 1].group != key.group):
+                table.rules.add(len(table.rows))  # the sampling-based baselines below a rule
             row = [Cell(text=region_label)] if blocks else []
             row.append(Cell(text=key.label))
             ns = []
@@ -544,6 +547,55 @@ def runs_table(results: StudyResults) -> Table:
     return table
 
 
+def cost_table(results: StudyResults) -> Table:
+    """Table 7: every method by group, with the cost of its prediction.
+
+    Per organ: seconds per case of the prediction (``seconds_per_case`` of its
+    predict records, mean over seeds) and that time relative to the
+    deterministic prediction's in the same study (:meth:`StudyResults.cost`).
+    """
+    name = "table7_cost"
+    organs = results.result_organs()
+    columns = ["Group", "Method"]
+    for o in organs:
+        columns += [f"{organ_label(o)} s/case", f"{organ_label(o)} cost (x det.)"]
+    table = Table(
+        name,
+        "Table 7: Methods by group and the cost of their prediction",
+        "Seconds per test case of each prediction (preprocessing, every pass, stitching and "
+        "export; an ensemble adds its members' times), mean over seeds, and the same "
+        "relative to the deterministic prediction (the backbone, else the fine-tuned "
+        "control) measured in this study. Covariance heads need one pass per tile; MC "
+        "dropout T, TTA mixtures the mirrored passes, ensembles one prediction per member.",
+        columns,
+        label_columns=2,
+    )
+    previous = None
+    for key in results.rows():
+        if not any(results.group(o, key.tag) for o in organs):
+            continue
+        if previous is not None and key.group != previous:
+            table.rules.add(len(table.rows))
+        previous = key.group
+        row = [Cell(text=key.group), Cell(text=key.label)]
+        for o in organs:
+            secs, cost = results.seconds_per_case(o, key.tag), results.cost(o, key.tag)
+            row += [Cell(mean=secs, n=1, decimals=2), Cell(mean=cost, n=1, decimals=2)]
+            table.records.append(
+                {
+                    "table": name,
+                    "group": key.group,
+                    "row": key.label,
+                    "tag": key.tag,
+                    "organ": o,
+                    "seconds_per_case": secs,
+                    "cost": cost,
+                }
+            )
+        table.rows.append(row)
+    return table
+
+
 #: (summary key, header, decimals, higher is better; None = no best marked) of Table 5b.
 TRUTH_COLUMNS: tuple[tuple[str, str, int, bool | None], ...] = (
     ("pstar_mae_band", "|p - p*|", 4, False),
@@ -678,6 +730,7 @@ def all_tables(results: StudyResults) -> list[Table]:
         conformal_table(results),
         truth_table(results),
         runs_table(results),
+        cost_table(results),
     ]
     return tables
 

@@ -31,12 +31,16 @@ clipped at 0 against rounding. Two-class (single organ) predictions only.
 
 Manifest: ``predict/<organ>/ensemble-<member tag>/seed0`` (``/val`` with
 ``split="val"``), its params naming the members' seeds; the members' predict
-records are its inputs, so re-predicting a member makes it stale.
+records are its inputs, so re-predicting a member makes it stale. Its
+``seconds_per_case`` (the prediction's cost) is the sum of the members'
+``seconds_per_case`` plus the combination's own time per case (None when a
+member did not record one).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -236,16 +240,22 @@ def run(ws: Workspace, params: EnsembleParams, force: bool = False) -> StageReco
     with manifest.running("predict", key, record_params, inputs, members) as outputs:
         from mobseg.progress import progress_bar
 
+        start = time.perf_counter()
         with progress_bar(f"ensemble {params.tag}", len(cases)) as advance:
             for case in cases:
                 combine_case(dirs, case, out_dir)
                 advance(case=case)
+        member_costs = [r.outputs.get("seconds_per_case") for r in members]
+        cost = None
+        if all(isinstance(c, (int, float)) for c in member_costs):
+            cost = sum(member_costs) + (time.perf_counter() - start) / len(cases)
         outputs.update(
             pred_dir=str(out_dir),
             cases=cases,
             members=len(members),
             saved_samples=len(members),
             files=["seg", *ENSEMBLE_MAPS, *(f"sample{i}" for i in range(len(members)))],
+            seconds_per_case=cost,
         )
     rec = manifest.get(key)
     assert rec is not None

@@ -34,17 +34,31 @@ With ``split="val"`` (``--split val``) the organ's validation cases
 ``<prediction dir>/val`` under the key ``predict/<organ>/<tag>/seed<S>/val``
 (the calibration set of conformal risk control, see ``mobseg evaluate``).
 
+MC dropout: a run fine-tuned with ``--mc-dropout`` (its checkpoint records
+``decoder_dropout`` > 0) is predicted with ``passes`` = T stochastic passes
+per tile (default :data:`DEFAULT_PASSES`), its decoder's dropout active; the
+passes form a mixture carried as its moment-matched Gaussian
+(:mod:`mobseg.core.mixture`), and ``<case>_logit_var_between.nii.gz`` holds
+the between-pass (epistemic) variance of the logit difference.
+``tta_mixture`` (``--tta-mixture``, any run) keeps the mirrored passes as
+such a mixture as well; it changes the prediction, so it is recorded under
+its own tag ``<tag>-ttamix`` (key ``predict/<organ>/<tag>-ttamix/seed<S>``),
+a row of its own in evaluate and report.
+
 Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
 ``cases``, ``maps`` (``quadrature`` for two classes, ``monte-carlo`` for
 more), ``samples`` (k per voxel for Monte-Carlo maps, else 0), ``tta``,
 ``checkpoint``, ``point_mass``, ``mixing``, ``saved_samples`` (S written per
-case), ``files`` (suffixes written).
+case), ``files`` (suffixes written), ``passes`` (T), ``decoder_dropout``,
+``tta_mixture``, ``seconds_per_case`` (mean wall time of the cases predicted
+by this call: preprocessing, inference and export; None if all were resumed).
 """
 
 from __future__ import annotations
 
 import logging
 import re
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -69,6 +83,10 @@ SPLIT_IMAGES: dict[str, str] = {"test": "imagesTs", "val": "imagesTr"}
 #: Tag (and seed) under which the pretrained backbone's predictions are recorded.
 BACKBONE_TAG = "backbone"
 BACKBONE_SEED = 0
+#: T, stochastic passes per tile of an MC-dropout run.
+DEFAULT_PASSES = 10
+#: Tag suffix of a prediction whose mirrored passes are kept as a mixture.
+TTA_MIXTURE_SUFFIX = "-ttamix"
 
 
 @dataclass(frozen=True)
@@ -99,6 +117,11 @@ class PredictParams:
         split: ``test`` (default) or ``val``: which split of the organ to
             predict when ``input`` is None (``val``: key and folder get a
             ``/val`` suffix).
+        passes: T stochastic passes per tile of an MC-dropout run; None =
+            :data:`DEFAULT_PASSES` for such a run, 1 otherwise (a run without
+            dropout accepts only 1).
+        tta_mixture: Keep the mirrored passes as a mixture (tag suffix
+            :data:`TTA_MIXTURE_SUFFIX`).
     """
 
     organ: str
@@ -115,12 +138,20 @@ class PredictParams:
     run: str | None = None
     inference_mixing: str | None = None
     split: str = "test"
+    passes: int | None = None
+    tta_mixture: bool = False
 
     @property
-    def tag(self) -> str:
+    def run_tag(self) -> str:
+        """The tag of the model: the fine-tuned run's, or ``backbone``."""
         if self.backbone:
             return BACKBONE_TAG
         return self.run if self.run is not None else self.head.tag()
+
+    @property
+    def tag(self) -> str:
+        """The tag of the prediction: the run's, plus ``-ttamix`` with ``tta_mixture``."""
+        return self.run_tag + (TTA_MIXTURE_SUFFIX if self.tta_mixture else "")
 
     @property
     def run_seed(self) -> int:
@@ -134,6 +165,9 @@ class PredictParams:
         d["save"] = list(self.save)
         if self.split == "test":  # records written before --split existed stay equal
             del d["split"]
+        for name, default in (("passes", None), ("tta_mixture", False)):
+            if d[name] == default:  # likewise for records written before these options
+                del d[name]
         return d
 
 
@@ -250,6 +284,10 @@ def run(
         raise UnknownNameError("split", params.split, tuple(SPLIT_IMAGES))
     if params.split != "test" and params.input is not None:
         raise ConfigurationError("--split and --input exclude each other.")
+    if params.passes is not None and params.passes < 1:
+        raise ConfigurationError(f"--passes must be >= 1, got {params.passes}.")
+    if params.tta_mixture and not params.tta:
+        raise ConfigurationError("--tta-mixture needs the mirrored passes: drop --no-tta.")
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)
     tag, seed = params.tag, params.run_seed
@@ -257,7 +295,7 @@ def run(
         source, checkpoint = model.record, model.checkpoint
     else:
         source = manifest.require(
-            finetune_key(params.organ, tag, seed),
+            finetune_key(params.organ, params.run_tag, seed),
             finetune_command(params.organ, params.head.method, seed, params.head),
         )
         checkpoint = Path(source.outputs["checkpoint_best"])
@@ -388,6 +426,25 @@ def predict_files(
     lm = pm.get_label_manager(dataset_json)
     num_classes = lm.num_segmentation_heads
     ckpt = load_checkpoint_file(checkpoint)
+    rate = 0.0 if params.backbone else float(ckpt.get("mobseg", {}).get("decoder_dropout") or 0.0)
+    passes = params.passes if params.passes is not None else (DEFAULT_PASSES if rate > 0 else 1)
+    if passes > 1 and rate == 0:
+        raise ConfigurationError(
+            f"--passes {passes} needs a run fine-tuned with --mc-dropout; {params.run_tag} has "
+            "no dropout, so its passes would all be equal."
+        )
+    mixture = passes > 1 or params.tta_mixture
+    if mixture and num_classes != 2:
+        raise ConfigurationError(
+            f"MC dropout and --tta-mixture predict two classes only; this model has {num_classes}."
+        )
+    save = tuple(params.save)
+    if "between" in save and not mixture:
+        raise ConfigurationError(
+            "--save between is the between-pass variance of MC dropout or --tta-mixture."
+        )
+    if mixture and "between" not in save:
+        save = (*save, "between")
     if params.backbone:
         head_cfg = HeadConfig("deterministic", num_classes=num_classes)
         backbone = build_backbone(pm, cm, channels, num_classes, deep_supervision=False)
@@ -396,7 +453,9 @@ def predict_files(
         mixing = None
     else:
         head_cfg = params.head
-        network = build_network(pm, cm, channels, num_classes, head_cfg, deep_supervision=False)
+        network = build_network(
+            pm, cm, channels, num_classes, head_cfg, deep_supervision=False, decoder_dropout=rate
+        )
         load_full(network, ckpt)
         mixing = params.inference_mixing or ckpt.get("mobseg", {}).get(
             "inference_mixing", head_cfg.mixing
@@ -415,6 +474,9 @@ def predict_files(
         use_mirroring=params.tta,
         device=device,
         save_samples=params.save_samples,
+        passes=passes,
+        mc_dropout=rate > 0,
+        tta_mixture=params.tta_mixture,
     )
     predictor.setup(
         network,
@@ -428,13 +490,15 @@ def predict_files(
     preprocessor = cm.preprocessor_class(verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
     done: list[str] = []
+    seconds: list[float] = []
     with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
         for case, path in inputs.items():
-            paths = output_paths(out_dir, case, n_saved, params.save)
+            paths = output_paths(out_dir, case, n_saved, save)
             if not force and files_complete(paths.values(), last=paths["seg"]):
                 done.append(case)
                 advance(case=case)
                 continue
+            start = time.perf_counter()
             verify_nifti_file(path, case)
             _clear_case(paths["seg"], out_dir, case, n_saved)
             try:
@@ -456,9 +520,11 @@ def predict_files(
                 out_dir,
                 case,
                 samples=predictor.last_samples,
-                save=params.save,
+                save=save,
                 mc_samples=params.samples,
+                mixture=mixture,
             )
+            seconds.append(time.perf_counter() - start)
             done.append(case)
             advance(case=case)
     return {
@@ -471,8 +537,12 @@ def predict_files(
         "point_mass": point_mass,
         "mixing": mixing,
         "saved_samples": n_saved,
-        "files": [*file_suffixes(params.save), *(f"sample{i}" for i in range(n_saved))],
+        "files": [*file_suffixes(save), *(f"sample{i}" for i in range(n_saved))],
         "device": device,
+        "passes": passes,
+        "decoder_dropout": rate,
+        "tta_mixture": params.tta_mixture,
+        "seconds_per_case": sum(seconds) / len(seconds) if seconds else None,
     }
 
 

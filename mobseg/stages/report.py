@@ -246,6 +246,7 @@ def build(ws: Workspace, params: ReportParams) -> dict[str, Any]:
                 "(`--save-samples`, bottom row), on one slice. Samples that vary where and "
                 "as much as the annotators do are what the covariance model is for.",
             )
+    blocks += [doc.Heading("Cost of prediction"), tables["table7_cost"]]
     blocks += [doc.Heading("Runs"), tables["table6_runs"]]
     if notes:
         blocks += [doc.Heading("Notes"), doc.Paragraph(" ".join(notes))]

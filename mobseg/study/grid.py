@@ -177,6 +177,8 @@ class StudySpec:
         tta: Mirroring test-time augmentation of every prediction (nnU-Net's
             default; off makes each prediction several times faster on a CPU).
         extra_predictions: Predictions on CTs outside the test split (demo).
+        baselines: Add the sampling-based baselines (``--baselines``,
+            :func:`add_baselines`); off in the paper's grid.
     """
 
     organs: tuple[str, ...] = PAPER_ORGANS
@@ -211,6 +213,7 @@ class StudySpec:
     save_samples: int = 8
     tta: bool = True
     extra_predictions: tuple[ExtraPrediction, ...] = ()
+    baselines: bool = False
 
     def __post_init__(self) -> None:
         if not self.organs:
@@ -836,6 +839,9 @@ def expand(spec: StudySpec) -> Plan:
             if ek not in evaluations:
                 evaluations.append(ek)
 
+    if spec.baselines:
+        evaluations += [k for k in add_baselines(spec, plan) if k not in evaluations]
+
     if spec.backbone:
         for organ in spec.organs:
             where = {"organ": organ, "tag": BACKBONE_TAG, "seed": 0}
@@ -889,6 +895,76 @@ def expand(spec: StudySpec) -> Plan:
             )
         )
     return plan
+
+
+#: Decoder dropout rate of the study's MC-dropout baseline (``finetune --mc-dropout``).
+BASELINE_DROPOUT = 0.1
+
+
+def add_baselines(spec: StudySpec, plan: Plan) -> list[str]:
+    """Add the sampling-based baselines of ``--baselines`` to ``plan``; returns their evaluations.
+
+    Per organ of the grid, every seed: the fine-tuned deterministic control
+    (shared with the main grid when it has ``deterministic``), its MC-dropout
+    variant (``finetune --mc-dropout``, rate :data:`BASELINE_DROPOUT`) with
+    its T-pass prediction, the control's TTA mixture (``predict
+    --tta-mixture``; not with the spec's TTA off), mob fine-tuned on the frozen backbone
+    (``--freeze-backbone``); and, with two or more seeds, the deep ensemble
+    of the control's seeds. Each is predicted and evaluated like a method.
+    """
+    from dataclasses import replace
+
+    from mobseg.stages.ensemble import EnsembleParams
+    from mobseg.stages.evaluate import EvaluateParams
+    from mobseg.stages.finetune import run_tag as finetune_tag
+
+    evaluations: list[str] = []
+    control = spec.head("deterministic")
+    for organ in spec.organs:
+        variants = [
+            (control, {}, False),
+            (control, {"decoder_dropout": BASELINE_DROPOUT}, False),
+            (spec.head("mob"), {"freeze_backbone": True}, False),
+        ]
+        if spec.tta:  # the TTA mixture needs the mirrored passes
+            variants.append((control, {}, True))
+        for head, options, mixture in variants:
+            for seed in spec.seed_list:
+                fp = replace(_finetune_params(spec, organ, head, seed), **options)
+                tag = finetune_tag(fp, spec.preset)
+                fk = keys.finetune_key(organ, tag, seed)
+                plan.add(
+                    Job(
+                        "finetune",
+                        fk,
+                        fp,
+                        deps=(keys.pretrain_key(organ),),
+                        **_at(organ, tag, seed),
+                    )
+                )
+                pp = replace(_predict_params(spec, organ, head, seed, tag=tag), tta_mixture=mixture)
+                pk = keys.predict_key(organ, pp.tag, seed)
+                plan.add(Job("predict", pk, pp, (fk,), **_at(organ, pp.tag, seed)))
+                ep = EvaluateParams(organ=organ, seed=seed, run=pp.tag)
+                ek = keys.evaluate_key(organ, pp.tag, seed)
+                plan.add(Job("evaluate", ek, ep, (pk,), gpus=0, **_at(organ, pp.tag, seed)))
+                evaluations.append(ek)
+        if spec.seeds >= 2:
+            ens = EnsembleParams(organ, member=run_tag(spec, organ, control), seeds=spec.seed_list)
+            pk = keys.predict_key(organ, ens.tag, 0)
+            members = tuple(keys.predict_key(organ, ens.member, seed) for seed in spec.seed_list)
+            where = _at(organ, ens.tag, 0)
+            runner = "mobseg.stages.ensemble:run"
+            plan.add(Job("predict", pk, ens, members, runner=runner, gpus=0, **where))
+            ek = keys.evaluate_key(organ, ens.tag, 0)
+            ep = EvaluateParams(organ=organ, seed=0, run=ens.tag)
+            plan.add(Job("evaluate", ek, ep, (pk,), gpus=0, **where))
+            evaluations.append(ek)
+    return evaluations
+
+
+def _at(organ: str, tag: str, seed: int) -> dict[str, Any]:
+    return {"organ": organ, "tag": tag, "seed": seed}
 
 
 # -- the spec saved beside the manifest (read by `mobseg status`) ---------------------------

@@ -223,3 +223,54 @@ def test_truth_table_is_dashes_without_phantom_results_and_marks_best_with_them(
     assert control[col["NLL*"]].plain() == "0.500" and not control[col["NLL*"]].bold
     assert control[col["Var ratio"]].plain() == "0.000" and not control[col["Var ratio"]].bold
     assert control[col["corr(Var, p*(1-p*))"]].plain() == "-"
+
+
+def test_baseline_rows_are_grouped_after_the_heads_with_their_cost() -> None:
+    from mobseg.report.collect import BASELINES_GROUP, HEADS_GROUP
+    from mobseg.report.tables import cost_table
+
+    present = {
+        ("mob-b3-r16", "mob", 3),
+        ("mob-b3-r16-frozen", "mob", 3),
+        ("deterministic", "deterministic", None),
+        ("deterministic-mcd0.1", "deterministic", None),
+        ("deterministic-ttamix", "deterministic", None),
+        ("ensemble-deterministic", "ensemble", None),
+    }
+    rows = row_keys(present, {"mob-b3-r16-frozen", "deterministic-mcd0.1"})
+    groups = [r.group for r in rows]
+    first = groups.index(BASELINES_GROUP)
+    assert set(groups[:first]) == {HEADS_GROUP} and set(groups[first:]) == {BASELINES_GROUP}
+    labels = [r.label for r in rows[first:]]
+    assert labels == [
+        "MC dropout (deterministic-mcd0.1)",
+        "TTA mixture (deterministic)",
+        "Deep ensemble (deterministic)",
+    ]
+    assert "Mixture-of-Bases (M=3, mob-b3-r16-frozen)" in [r.label for r in rows[:first]]
+
+    res = StudyResults()
+    secs = {"backbone": [2.0, 2.0], "deterministic": [3.0], "deterministic-mcd0.1": [19.0, 21.0]}
+    secs |= {"ensemble-deterministic": [15.0], "mob-b3-r16": [None]}
+    for tag, values in secs.items():
+        method = {"mob-b3-r16": "mob", "ensemble-deterministic": "ensemble"}.get(
+            tag, "deterministic"
+        )
+        for seed, v in enumerate(values):
+            run = _run("pancreas", tag, method, seed, dice=0.8)
+            run.seconds_per_case = v
+            res.runs.append(run)
+    assert res.cost("pancreas", "deterministic-mcd0.1") == pytest.approx(10.0)
+    assert res.cost("pancreas", "ensemble-deterministic") == pytest.approx(7.5)
+    assert np.isnan(res.cost("pancreas", "mob-b3-r16"))  # not recorded
+    table = cost_table(res)
+    by_label = {r[1].text: r for r in table.rows}
+    assert by_label["MC dropout (deterministic-mcd0.1)"][0].text == BASELINES_GROUP
+    assert by_label["MC dropout (deterministic-mcd0.1)"][3].plain() == "10.00"
+    assert by_label["Deterministic (nnU-Net backbone)"][3].plain() == "1.00"
+    assert by_label["Mixture-of-Bases"][3].plain() == "-"
+    baseline_start = [r[0].text for r in table.rows].index(BASELINES_GROUP)
+    assert baseline_start in table.rules
+    # without a backbone, the fine-tuned control is the reference
+    res.runs = [r for r in res.runs if r.tag != "backbone"]
+    assert res.cost("pancreas", "deterministic-mcd0.1") == pytest.approx(20.0 / 3.0)

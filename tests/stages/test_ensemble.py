@@ -146,3 +146,20 @@ def test_cli_predict_method_ensemble(control_study: Workspace) -> None:
     assert rec is not None and rec.params["seeds"] == [0, 2]
     res = runner.invoke(app, [*args, "--method", "ensemble", "--member-seeds", "a"])
     assert res.exit_code == 1 and "comma-separated" in res.output
+
+
+def test_ensemble_cost_is_the_members_cost_plus_its_own(control_study: Workspace) -> None:
+    man = Manifest(control_study.manifest_path)
+    for seed, secs in ((0, 1.0), (1, 2.0), (2, 4.0)):
+        man.update(
+            f"predict/pancreas/deterministic/seed{seed}",
+            lambda r, s=secs: (r.outputs.__setitem__("seconds_per_case", s), r)[1],
+        )
+    rec = ensemble.run(control_study, EnsembleParams("pancreas"), force=True)
+    own = rec.outputs["seconds_per_case"] - 7.0
+    assert 0.0 < own < 30.0  # combining three members' maps per case
+
+
+def test_ensemble_cost_is_unknown_when_a_member_has_none(control_study: Workspace) -> None:
+    rec = ensemble.run(control_study, EnsembleParams("pancreas"))
+    assert rec.outputs["seconds_per_case"] is None

@@ -275,3 +275,116 @@ def test_split_val_predicts_the_validation_cases_under_their_own_key(micro_ws: W
 
     with pytest.raises(UnknownNameError):
         predict.run(micro_ws, replace(params, split="train"))
+
+
+def _read(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path))).astype(np.float64)
+
+
+def test_mc_dropout_run_is_predicted_as_a_mixture_of_passes(
+    micro_ws: Workspace, tmp_path: Path
+) -> None:
+    from mobseg.stages import finetune
+
+    ft = finetune.run(
+        micro_ws,
+        finetune.FinetuneParams(
+            "pancreas",
+            head=HeadConfig("deterministic"),
+            seed=21,
+            device="cpu",
+            epochs=1,
+            iterations=1,
+            decoder_dropout=0.5,
+        ),
+    )
+    tag = ft.key.split("/")[2]
+    assert "-mcd0.5" in tag
+    params = predict.PredictParams(
+        "pancreas", seed=21, run=tag, device="cpu", tta=False, passes=3, save=("prob", "logits")
+    )
+    rec = predict.run(micro_ws, params)
+    assert rec.key == f"predict/pancreas/{tag}/seed21"
+    assert rec.outputs["passes"] == 3 and rec.outputs["decoder_dropout"] == 0.5
+    assert rec.outputs["seconds_per_case"] > 0
+    assert "logit_var_between" in rec.outputs["files"]
+    out = Path(rec.outputs["pred_dir"])
+    case = rec.outputs["cases"][0]
+    var = _read(out / f"{case}_logit_var.nii.gz")
+    between = _read(out / f"{case}_logit_var_between.nii.gz")
+    # a point-mass head: the whole variance is the passes' spread, and dropout makes one
+    np.testing.assert_allclose(var, between, rtol=1e-5, atol=1e-6)
+    assert between.max() > 0
+    assert _read(out / f"{case}_prob.nii.gz").max() <= 1
+    with pytest.raises(ConfigurationError, match="--passes"):
+        predict.run(micro_ws, replace(params, passes=0))
+
+
+def test_tta_mixture_gets_its_own_key_and_adds_the_mirror_spread(
+    micro_ws: Workspace, tmp_path: Path
+) -> None:
+    base = predict.PredictParams(
+        "pancreas", backbone=True, device="cpu", save=("logits",), out=tmp_path / "plain"
+    )
+    plain = predict.run(micro_ws, base, key="predict/pancreas/backbone/seed0/plain-logits")
+    mix = predict.run(micro_ws, replace(base, tta_mixture=True, out=tmp_path / "mix"))
+    assert mix.key == "predict/pancreas/backbone-ttamix/seed0"
+    assert mix.outputs["tta_mixture"] is True and mix.params["tta_mixture"] is True
+    assert "tta_mixture" not in plain.params  # the default's record stays as it was
+    case = plain.outputs["cases"][0]
+    m_plain = _read(tmp_path / "plain" / f"{case}_logit_mean.nii.gz")
+    m_mix = _read(tmp_path / "mix" / f"{case}_logit_mean.nii.gz")
+    np.testing.assert_allclose(m_mix, m_plain, atol=1e-4)  # the same passes, averaged
+    assert not (tmp_path / "plain" / f"{case}_logit_var_between.nii.gz").exists()
+    var = _read(tmp_path / "mix" / f"{case}_logit_var.nii.gz")
+    between = _read(tmp_path / "mix" / f"{case}_logit_var_between.nii.gz")
+    np.testing.assert_allclose(var, between, rtol=1e-5, atol=1e-6)  # point mass: all spread
+    assert _read(tmp_path / "plain" / f"{case}_logit_var.nii.gz").max() == 0
+    with pytest.raises(ConfigurationError, match="needs a run fine-tuned with --mc-dropout"):
+        predict.run(micro_ws, replace(base, passes=2, out=tmp_path / "p2"))
+    with pytest.raises(ConfigurationError, match="--no-tta"):
+        predict.run(micro_ws, replace(base, tta_mixture=True, tta=False))
+
+
+@pytest.mark.slow
+def test_cli_finetune_mc_dropout_then_predict(micro_ws: Workspace) -> None:
+    """``mobseg finetune --mc-dropout`` + ``mobseg predict --run``: T passes by default."""
+    from typer.testing import CliRunner
+
+    from mobseg.cli import app
+
+    def cli(*args: str):
+        res = CliRunner().invoke(app, ["--workdir", str(micro_ws.root), *args])
+        assert res.exit_code == 0, res.output
+        return res
+
+    common = ["--organ", "pancreas", "--method", "deterministic", "--seed", "23"]
+    cli(
+        "finetune", *common, "--mc-dropout", "--epochs", "1", "--iterations", "1", "--device", "cpu"
+    )
+    manifest = Manifest(micro_ws.manifest_path)
+    tag = next(
+        r.key.split("/")[2]
+        for r in manifest.find("finetune", "finetune/pancreas/")
+        if "/seed23" in r.key
+    )
+    assert "-mcd0.1" in tag
+    cli(
+        "predict",
+        "--organ",
+        "pancreas",
+        "--run",
+        tag,
+        "--seed",
+        "23",
+        "--no-tta",
+        "--device",
+        "cpu",
+    )
+    rec = manifest.get(f"predict/pancreas/{tag}/seed23")
+    assert rec is not None and rec.done
+    assert rec.outputs["passes"] == predict.DEFAULT_PASSES and rec.outputs["decoder_dropout"] == 0.1
+    out = Path(rec.outputs["pred_dir"])
+    case = rec.outputs["cases"][0]
+    assert (out / f"{case}_logit_var_between.nii.gz").is_file()
+    assert _read(out / f"{case}_var.nii.gz").max() > 0  # the deterministic head, made uncertain

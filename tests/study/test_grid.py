@@ -486,3 +486,44 @@ def test_tta_reaches_every_prediction_of_the_grid() -> None:
     preds = plan.by_stage("predict")
     assert len(preds) == 27 and all(j.params.tta is False for j in preds)
     assert all(j.params.tta for j in expand(StudySpec(seeds=1)).by_stage("predict"))
+
+
+def test_baselines_are_opt_in_and_add_their_runs() -> None:
+    base = StudySpec(organs=("pancreas",), methods=("mob",), seeds=2, ablation_bases=())
+    assert not base.baselines
+    plain = expand(base)
+    plan = expand(StudySpec(**{**base.__dict__, "baselines": True}))
+    added = {j.key for j in plan} - {j.key for j in plain}
+    tags = ("deterministic", "deterministic-mcd0.1", "mob-b3-r16-frozen")
+    expected = {
+        f"{stage}/pancreas/{tag}/seed{s}"
+        for stage in ("finetune", "predict", "evaluate")
+        for tag in tags
+        for s in (0, 1)
+    }
+    expected |= {
+        f"{st}/pancreas/deterministic-ttamix/seed{s}"
+        for st in ("predict", "evaluate")
+        for s in (0, 1)
+    }
+    expected |= {f"{st}/pancreas/ensemble-deterministic/seed0" for st in ("predict", "evaluate")}
+    assert added == expected
+    mix = plan["predict/pancreas/deterministic-ttamix/seed1"]
+    assert mix.params.tta_mixture and mix.deps == ("finetune/pancreas/deterministic/seed1",)
+    ens = plan["predict/pancreas/ensemble-deterministic/seed0"]
+    assert ens.params.seeds == (0, 1) and ens.runner == "mobseg.stages.ensemble:run"
+    assert set(ens.deps) == {f"predict/pancreas/deterministic/seed{s}" for s in (0, 1)}
+    assert plan["finetune/pancreas/deterministic-mcd0.1/seed0"].params.decoder_dropout == 0.1
+    assert plan["finetune/pancreas/mob-b3-r16-frozen/seed0"].params.freeze_backbone
+    report = plan["report"]
+    assert {k for k in added if k.startswith("evaluate/")} <= set(report.deps)
+    # one seed: no ensemble
+    one = expand(StudySpec(**{**base.__dict__, "baselines": True, "seeds": 1}))
+    assert "predict/pancreas/ensemble-deterministic/seed0" not in one
+
+
+def test_baselines_without_tta_have_no_tta_mixture() -> None:
+    spec = StudySpec(organs=("pancreas",), seeds=1, ablation_bases=(), baselines=True, tta=False)
+    plan = expand(spec)
+    assert "predict/pancreas/deterministic-mcd0.1/seed0" in plan
+    assert not [k for k in plan.jobs if "ttamix" in k]

@@ -93,3 +93,40 @@ def test_micro_study_with_the_real_stages(tmp_path: Path) -> None:
     pred_dir = Path(records["predict/pancreas/mob-b3-r16/seed0"].outputs["pred_dir"])
     case = rows[0]["case"]
     assert len(list(pred_dir.glob(f"{case}_sample*.nii.gz"))) == 2
+
+
+@pytest.mark.slow
+def test_micro_study_with_baselines_reports_their_rows(tmp_path: Path) -> None:
+    """``mobseg study --baselines`` (micro, phantom): the baselines' rows reach the report."""
+    from typer.testing import CliRunner
+
+    from mobseg.cli import app
+
+    work = tmp_path / "work"
+    args = ["--workdir", str(work), "study", "--organs", "pancreas", "--methods", "deterministic"]
+    args += ["--seeds", "2", "--bases-ablation", "none", "--preset", "micro", "--device", "cpu"]
+    args += ["--source", "phantom", "--num-cases", "6", "--size", "32", "--epochs", "1"]
+    args += ["--iterations", "1", "--save-samples", "0", "--baselines"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    records = Manifest(Workspace(work).manifest_path).records()
+    tags = {k.split("/")[2] for k in records if k.startswith("evaluate/pancreas/")}
+    mcd = next(t for t in tags if "-mcd0.1" in t)
+    # --epochs/--iterations give every fine-tuned tag a -x<hash> suffix
+    ctl = next(t for t in tags if t.startswith("deterministic") and t.count("-") == 1)
+    assert {f"{ctl}-ttamix", f"ensemble-{ctl}", "backbone"} <= tags
+    assert any("-frozen" in t for t in tags)
+    assert records[f"predict/pancreas/{mcd}/seed0"].outputs["passes"] == 10
+    report = (work / "report" / "report.md").read_text()
+    for label in (
+        "Sampling-based baselines",
+        f"MC dropout ({mcd})",
+        f"TTA mixture ({ctl})",
+        f"Deep ensemble ({ctl})",
+        "Cost of prediction",
+    ):
+        assert label in report, label
+    costs = list(csv.DictReader((work / "report" / "tables" / "table7_cost.csv").open()))
+    by_tag = {r["tag"]: float(r["cost"]) for r in costs}
+    assert by_tag["backbone"] == pytest.approx(1.0)
+    assert by_tag[mcd] > 1.0  # 10 passes per tile against one
