@@ -447,6 +447,7 @@ def organ_method_table(
     title: str,
     caption: str,
     columns: Sequence[tuple[str, str, int, bool | None]],
+    config_columns: Sequence[str] = (),
 ) -> Table:
     """Rows: organ x method with results; columns: summary numbers, mean \u00b1 std over seeds.
 
@@ -454,13 +455,16 @@ def organ_method_table(
         results: The study.
         name, title, caption: The table's.
         columns: (summary key, header, decimals, higher is better or None = no best).
+        config_columns: Columns of each row's fine-tuning configuration
+            (:func:`training_cells`) between the method and the numbers.
     """
+    lead = 2 + len(config_columns)
     table = Table(
         name,
         title,
         caption,
-        ["Organ", "Method"] + [c[1] for c in columns] + ["Seeds"],
-        label_columns=2,
+        ["Organ", "Method", *config_columns] + [c[1] for c in columns] + ["Seeds"],
+        label_columns=lead,
     )
     for organ in results.result_organs():
         start = len(table.rows)
@@ -470,7 +474,9 @@ def organ_method_table(
             group = results.group(organ, key.tag)
             if not group:
                 continue
+            config = training_cells(group) if config_columns else {}
             row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
+            row += [Cell(text=config[c]) for c in config_columns]
             for metric, header, dec, _ in columns:
                 m, s, n = mean_std([r.value(metric) for r in group])
                 cell = Cell(mean=m, std=s, n=n, decimals=dec)
@@ -481,6 +487,7 @@ def organ_method_table(
                         "row": key.label,
                         "tag": key.tag,
                         "organ": organ,
+                        **{c.lower(): config[c] for c in config_columns},
                         "metric": metric,
                         "column": header,
                         "mean": m,
@@ -493,9 +500,9 @@ def organ_method_table(
             table.rows.append(row)
         block = table.rows[start:]
         for i, (_, _, dec, higher) in enumerate(columns):
-            fit_decimals([r[2 + i] for r in block], dec)
+            fit_decimals([r[lead + i] for r in block], dec)
             if higher is not None:
-                mark_best(block, 2 + i, higher)
+                mark_best(block, lead + i, higher)
     _flag_best_records(table)
     return table
 
@@ -631,9 +638,9 @@ def training_cells(runs: Sequence[RunResult]) -> dict[str, str]:
 
 def truth_table(results: StudyResults) -> Table:
     """Table 5b: every method against the phantom's true label law p*, in the ambiguity band."""
-    name = "table5b_truth"
-    table = Table(
-        name,
+    return organ_method_table(
+        results,
+        "table5b_truth",
         "Table 5b: Against the truth",
         "Phantom only (elsewhere the truth is unknown and the cells are '-'). Inside the "
         "ambiguity band (voxels with 0.01 < p* < 0.99): mean |p - p*| and its RMSE; NLL* and "
@@ -647,49 +654,9 @@ def truth_table(results: StudyResults) -> Table:
         "ratios. Objective, noise, annotators and learning rate are the run's fine-tuning "
         "('-' where they do not apply, e.g. the backbone); every configuration is a row of "
         "its own, after its method's paper row.",
-        ["Organ", "Method", *TRUTH_CONFIG_COLUMNS] + [c[1] for c in TRUTH_COLUMNS] + ["Seeds"],
-        label_columns=2 + len(TRUTH_CONFIG_COLUMNS),
+        TRUTH_COLUMNS,
+        config_columns=TRUTH_CONFIG_COLUMNS,
     )
-    lead = 2 + len(TRUTH_CONFIG_COLUMNS)
-    for organ in results.result_organs():
-        start = len(table.rows)
-        if start:
-            table.rules.add(start)
-        for key in results.rows():
-            group = results.group(organ, key.tag)
-            if not group:
-                continue
-            config = training_cells(group)
-            row = [Cell(text=organ_label(organ)), Cell(text=key.label)]
-            row += [Cell(text=config[c]) for c in TRUTH_CONFIG_COLUMNS]
-            for metric, header, dec, _ in TRUTH_COLUMNS:
-                m, s, n = mean_std([r.value(metric) for r in group])
-                cell = Cell(mean=m, std=s, n=n, decimals=dec)
-                row.append(cell)
-                table.records.append(
-                    {
-                        "table": name,
-                        "row": key.label,
-                        "tag": key.tag,
-                        "organ": organ,
-                        **{c.lower(): config[c] for c in TRUTH_CONFIG_COLUMNS},
-                        "metric": metric,
-                        "column": header,
-                        "mean": m,
-                        "std": s,
-                        "n": n,
-                        "_cell": cell,
-                    }
-                )
-            row.append(Cell(text=str(len(group))))
-            table.rows.append(row)
-        block = table.rows[start:]
-        for i, (_, _, dec, higher) in enumerate(TRUTH_COLUMNS):
-            fit_decimals([r[lead + i] for r in block], dec)
-            if higher is not None:
-                mark_best(block, lead + i, higher)
-    _flag_best_records(table)
-    return table
 
 
 def all_tables(results: StudyResults) -> list[Table]:
