@@ -28,23 +28,22 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from mobseg.metrics._common import check_probability, check_same_shape, flat_chunks, nan_if_zero
-from mobseg.metrics.probabilistic import NLL_FLOOR
+from mobseg.metrics._common import check_probability, check_same_shape, flat_chunks
+from mobseg.metrics.probabilistic import NLL_FLOOR, ProbabilisticAccumulator
 
 
 @dataclass
-class ExpectedScoreAccumulator:
+class ExpectedScoreAccumulator(ProbabilisticAccumulator):
     """Streaming sums of the expected NLL and Brier terms under p*.
+
+    The sums, ``merge``, ``nll()`` and ``brier()`` are those of
+    :class:`ProbabilisticAccumulator`; only the per-voxel terms differ.
 
     Attributes:
         nll_sum: sum_n -(p*_n ln max(p_n, 1e-8) + (1 - p*_n) ln max(1 - p_n, 1e-8)).
         brier_sum: sum_n 2 ((p_n - p*_n)^2 + p*_n (1 - p*_n)).
         n: number of voxels.
     """
-
-    nll_sum: float = 0.0
-    brier_sum: float = 0.0
-    n: int = 0
 
     def update(self, prob: np.ndarray, true_prob: np.ndarray) -> ExpectedScoreAccumulator:
         """Add voxels.
@@ -86,21 +85,6 @@ class ExpectedScoreAccumulator:
         diff += spread
         self.brier_sum += 2.0 * float(diff.sum(dtype=np.float64))
         self.n += int(p.size)
-
-    def merge(self, other: ExpectedScoreAccumulator) -> ExpectedScoreAccumulator:
-        """Add the sums of ``other``; returns self."""
-        self.nll_sum += other.nll_sum
-        self.brier_sum += other.brier_sum
-        self.n += other.n
-        return self
-
-    def nll(self) -> float:
-        """Expected NLL in nats per voxel (NaN without voxels)."""
-        return nan_if_zero(self.nll_sum, self.n)
-
-    def brier(self) -> float:
-        """Expected Brier score per voxel, in [0, 2] (NaN without voxels)."""
-        return nan_if_zero(self.brier_sum, self.n)
 
 
 def expected_nll(prob: np.ndarray, true_prob: np.ndarray) -> float:
