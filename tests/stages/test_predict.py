@@ -328,7 +328,8 @@ def test_tta_mixture_gets_its_own_key_and_adds_the_mirror_spread(
     )
     plain = predict.run(micro_ws, base, key="predict/pancreas/backbone/seed0/plain-logits")
     mix = predict.run(micro_ws, replace(base, tta_mixture=True, out=tmp_path / "mix"))
-    assert mix.key == "predict/pancreas/backbone-ttamix/seed0"
+    # its own tag; with --out also its own output key (never the test split's record)
+    assert mix.key.startswith("predict/pancreas/backbone-ttamix/seed0/out-")
     assert mix.outputs["tta_mixture"] is True and mix.params["tta_mixture"] is True
     assert "tta_mixture" not in plain.params  # the default's record stays as it was
     case = plain.outputs["cases"][0]
