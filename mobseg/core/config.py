@@ -236,6 +236,12 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         check_annotators(self.annotators)
+        if self.freeze_backbone and not self.head.stochastic:
+            raise ConfigurationError(
+                "--freeze-backbone leaves the deterministic method nothing to train (its head "
+                "is the backbone's own segmentation layer); the frozen backbone's prediction "
+                "is `mobseg predict --method backbone`."
+            )
         if not 0.0 <= self.decoder_dropout < 1.0:
             raise ConfigurationError(
                 f"--dropout-rate must lie in [0, 1), got {self.decoder_dropout}."
