@@ -45,7 +45,12 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Workspace:
 
 
 def _mobseg(ws: Workspace, *args: str) -> None:
-    result = runner.invoke(app, ["--workdir", str(ws.root), *args])
+    # module-scoped fixtures run before the per-test environment isolation of conftest:
+    # never inherit another workspace's nnU-Net folders
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):
+            mp.delenv(name, raising=False)
+        result = runner.invoke(app, ["--workdir", str(ws.root), *args])
     assert result.exit_code == 0, result.output
 
 
@@ -54,7 +59,9 @@ def diagonal_run(ws: Workspace) -> str:
     """A diagonal head fine-tuned one epoch; returns its run tag."""
     _mobseg(ws, "finetune", "--organ", "pancreas", "--method", "diagonal", "--seed", str(SEED))
     (key,) = [
-        k for k in Manifest(ws.manifest_path).records() if k.startswith("finetune/pancreas/diag")
+        k
+        for k in Manifest(ws.manifest_path).records()
+        if k.startswith("finetune/pancreas/diag") and k.endswith(f"/seed{SEED}")
     ]
     return key.split("/")[2]
 
