@@ -21,7 +21,11 @@ def test_demo_spec_adds_the_best_configuration_and_a_control_trained_alike(tmp_p
     fine = {j.tag: j.params for j in expand(spec).by_stage("finetune") if j.seed == 0}
     assert len(fine) == 5 + 2
     best = next(p for p in fine.values() if p.loss.mc_loss == "logsumexp")
-    assert (best.head.method, best.annotators, best.lr) == ("mob", "all", demo.DEMO_BEST.lr)
+    assert (best.head.method, best.annotators, best.lr) == (
+        demo.DEMO_BEST.method,
+        "all",
+        demo.DEMO_BEST.lr,
+    )
     controls = [p for p in fine.values() if p.head.method == "deterministic"]
     assert sorted((p.annotators, p.lr) for p in controls) == [
         ("0", 1e-4),  # the paper grid's control
@@ -40,7 +44,7 @@ def test_comparison_reads_the_runs_means_over_seeds(tmp_path: Path) -> None:
     ]
     runs = {
         tags[0]: (HeadConfig("mob"), 1.5, 0.3),
-        tags[1]: (HeadConfig("mob"), 1.2, 0.1),
+        tags[1]: (HeadConfig(demo.DEMO_BEST.method), 1.2, 0.1),
         # the control: evaluated for seed 0 only below
         tags[2]: (HeadConfig("deterministic"), 1.0, 0.6),
     }
