@@ -202,6 +202,24 @@ class StubNet(nn.Module):
         return mu, StubDist(mu, None if self.point_mass else samples, self.chunks)
 
 
+class RampNet(StubNet):
+    """A stub that sees mirroring: mu_1 = x + ramp / 10 along the first spatial axis, and two
+    samples mu_1 +- (ramp / 20 + offset), so a flipped pass differs from the plain one."""
+
+    def __init__(self, offset: float = 0.0) -> None:
+        super().__init__(2)
+        self.offset = offset
+
+    def forward(self, x: torch.Tensor, stochastic: bool = False) -> Any:
+        self.calls += 1
+        ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1).expand_as(x)
+        mu = torch.cat([torch.zeros_like(x), x + ramp / 10], dim=1)
+        extra = torch.zeros((2, *mu.shape), dtype=mu.dtype)
+        extra[0, :, 1] += ramp[:, 0] / 20 + self.offset
+        extra[1, :, 1] -= ramp[:, 0] / 20 + self.offset
+        return mu, StubDist(mu, mu[None] + extra, self.chunks)
+
+
 # -- a pretrained micro workspace, built once per test session -----------------------
 _CACHE: dict[str, Workspace] = {}
 _LOCK = threading.Lock()

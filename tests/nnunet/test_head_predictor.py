@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from nnunet_testlib import DATASET_JSON, StubNet, managers, micro_plans, stub_logits
+from nnunet_testlib import DATASET_JSON, RampNet, StubNet, managers, micro_plans, stub_logits
 
 from mobseg.nnunet.predictor import HeadPredictor
 
@@ -111,21 +111,9 @@ def test_mirroring_averages_the_parameters_of_eight_passes() -> None:
 def test_mirrored_passes_are_averaged_not_the_first_one_kept() -> None:
     """A model that sees the flip: the mean over the 8 flipped-back passes, by brute force."""
 
-    class Asymmetric(StubNet):
-        def forward(self, x: torch.Tensor, stochastic: bool = False):
-            from nnunet_testlib import StubDist
-
-            self.calls += 1
-            ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1).expand_as(x)
-            mu = torch.cat([torch.zeros_like(x), x + ramp / 10], dim=1)
-            extra = torch.stack([torch.zeros_like(mu), torch.zeros_like(mu)])
-            extra[0, :, 1] += ramp[:, 0] / 20
-            extra[1, :, 1] -= ramp[:, 0] / 20
-            return mu, StubDist(mu, mu[None] + extra, self.chunks)
-
     torch.manual_seed(6)
     image = torch.randn(1, 16, 16, 16)
-    got = _predictor(Asymmetric(2), tta=True).predict_parameters(image.numpy())
+    got = _predictor(RampNet(), tta=True).predict_parameters(image.numpy())
     ramp = torch.arange(16.0).view(-1, 1, 1).expand(16, 16, 16)
     # flips along axis 0 reverse the ramp in half of the 8 passes: mean ramp = 7.5
     torch.testing.assert_close(got[0], image[0] + 0.75, atol=1e-5, rtol=0)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from nnunet_testlib import DATASET_JSON, StubDist, StubNet, managers, micro_plans
+from nnunet_testlib import DATASET_JSON, RampNet, StubDist, StubNet, managers, micro_plans
 from torch import distributions as D
 
 from mobseg.core.mixture import PassMoments, mixture_parameters
@@ -107,19 +107,9 @@ def test_dropout_rate_zero_gives_the_plain_prediction() -> None:
 def test_tta_mixture_adds_the_spread_of_the_mirrored_passes() -> None:
     """A model that sees the flip: its 8 passes as a Gaussian mixture, by torch.distributions."""
 
-    class Asymmetric(StubNet):
-        def forward(self, x: torch.Tensor, stochastic: bool = False):
-            self.calls += 1
-            ramp = torch.arange(x.shape[2], dtype=x.dtype).view(1, 1, -1, 1, 1).expand_as(x)
-            mu = torch.cat([torch.zeros_like(x), x + ramp / 10], dim=1)
-            extra = torch.stack([torch.zeros_like(mu), torch.zeros_like(mu)])
-            extra[0, :, 1] += ramp[:, 0] / 20 + 0.1
-            extra[1, :, 1] -= ramp[:, 0] / 20 + 0.1
-            return mu, StubDist(mu, mu[None] + extra, self.chunks)
-
     torch.manual_seed(6)
     image = torch.randn(1, 16, 16, 16)
-    net = Asymmetric(2)
+    net = RampNet(0.1)
     got = _predictor(net, use_mirroring=True, tta_mixture=True).predict_parameters(image.numpy())
     assert net.calls == 8
     ramp = torch.arange(16.0).view(-1, 1, 1).expand(16, 16, 16)
@@ -129,7 +119,7 @@ def test_tta_mixture_adds_the_spread_of_the_mirrored_passes() -> None:
     variances = [(r / 20 + 0.1) ** 2 for r in ramps]
     torch.testing.assert_close(got, _oracle(means, variances), atol=2e-5, rtol=1e-4)
     # the default TTA averages the same passes: same mean, no between-pass variance
-    plain = _predictor(Asymmetric(2), use_mirroring=True).predict_parameters(image.numpy())
+    plain = _predictor(RampNet(0.1), use_mirroring=True).predict_parameters(image.numpy())
     torch.testing.assert_close(plain[0], got[0], atol=1e-5, rtol=0)
     torch.testing.assert_close(plain[1] + got[2], got[1], atol=1e-5, rtol=1e-5)
 
