@@ -749,6 +749,20 @@ class SingleBasisLogits(_BasisLogits):
         self.bases = basis.to(self.dtype)[None]
 
 
+def mix_bases(weights: Tensor, bases: Tensor, mixing: str) -> Tensor:
+    """The basis of every block of mob: (B, P^d, M) weights, (M, C, R) bases -> (B, P^d, C, R).
+
+    ``soft``: B_p = sum_m W_pm B_m. ``hard``: B_p = B_argmax_m W_pm in the forward
+    value, with the gradients of the soft mixture (straight-through).
+    """
+    if mixing == "hard":
+        onehot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
+        weights = onehot + (weights - weights.detach())
+    elif mixing != "soft":
+        raise ValueError(f"mixing must be soft or hard, got {mixing!r}.")
+    return torch.einsum("bpm,mcr->bpcr", weights, bases)
+
+
 class MixtureOfBasesLogits(_BasisLogits):
     """Mixture of bases: eta_n = mu_n + sqrt(d_n) * z1_n + B_p (a_n * z2), n in block p.
 
@@ -801,12 +815,7 @@ class MixtureOfBasesLogits(_BasisLogits):
             )
         dtype = _compute_dtype(mu, bases, weights)
         w = weights.to(dtype)
-        if mixing == "hard":
-            onehot = F.one_hot(w.argmax(-1), w.shape[-1]).to(dtype)
-            w_mix = onehot + (w - w.detach())
-        else:
-            w_mix = w
-        block_bases = torch.einsum("bpm,mcr->bpcr", w_mix, bases.to(dtype))
+        block_bases = mix_bases(w, bases.to(dtype), mixing)
         super().__init__(mu, variance, coeffs, block_bases, part, noise, sampler)
         self.bases = bases.to(self.dtype)
         self.weights = w.to(self.dtype)

@@ -113,6 +113,33 @@ class StochasticUNet(nn.Module):
             dist = self.head(feats.float(), mu.float())
         return out, dist
 
+    def marginal_parameters(self, x: torch.Tensor) -> torch.Tensor:
+        """The per-voxel marginal parameters of the head's logit distribution.
+
+        The backbone, then :meth:`mobseg.core.heads.StochasticHead.marginal_parameters`
+        (for two classes without building the distribution): what prediction
+        stitches when it keeps no samples.
+
+        Args:
+            x: Image patch (B, channels, *spatial).
+
+        Returns:
+            (B, P, *spatial) float32, see :func:`mobseg.core.inference.marginal_parameters`.
+        """
+        self._features = None
+        out = self.backbone(x)
+        feats, self._features = self._features, None
+        if feats is None:
+            raise RuntimeError("the last decoder stage did not run; cannot read its features")
+        mu = out[0] if isinstance(out, (list, tuple)) else out
+        ctx = (
+            torch.autocast(device_type="cuda", enabled=False)
+            if x.is_cuda
+            else contextlib.nullcontext()
+        )
+        with ctx:
+            return self.head.marginal_parameters(feats.float(), mu.float())
+
 
 class CPUConv3d(nn.Conv3d):
     """``nn.Conv3d`` that always takes oneDNN's (MKL-DNN) kernel on the CPU.

@@ -171,15 +171,26 @@ class HeadPredictor(nnUNetPredictor):
         total: torch.Tensor | None = None
         for axes in axes_sets:
             xin = torch.flip(x, axes) if axes else x
-            _, dist = self.network(xin, stochastic=True)
-            par = marginal_parameters(dist)
-            if not axes and self.num_saved_samples:
-                self._tile_labels = sample_labels(dist, self.num_saved_samples)
+            par = self._pass_parameters(xin, keep_samples=not axes)
             if axes:
                 par = torch.flip(par, axes)
             total = par if total is None else total + par
         assert total is not None
         return total / len(axes_sets)
+
+    def _pass_parameters(self, x: torch.Tensor, keep_samples: bool) -> torch.Tensor:
+        """(B, P, *sp) marginal parameters of one forward pass on ``x``.
+
+        With ``keep_samples`` and S > 0 saved samples, the pass builds the
+        distribution and draws the tile's S label maps from it; otherwise the
+        network computes the parameters directly
+        (:meth:`mobseg.nnunet.network.StochasticUNet.marginal_parameters`).
+        """
+        if keep_samples and self.num_saved_samples:
+            _, dist = self.network(x, stochastic=True)
+            self._tile_labels = sample_labels(dist, self.num_saved_samples)
+            return marginal_parameters(dist)
+        return self.network.marginal_parameters(x)
 
     def _mixture_passes(self, x: torch.Tensor, axes_sets: list[tuple[int, ...]]) -> torch.Tensor:
         """(B, 3, *sp) moment-matched parameters of the passes (module docstring)."""
@@ -189,10 +200,7 @@ class HeadPredictor(nnUNetPredictor):
             acc = pooled if self.tta_mixture else PassMoments()
             xin = torch.flip(x, axes) if axes else x
             for t in range(self.passes):
-                _, dist = self.network(xin, stochastic=True)
-                par = marginal_parameters(dist)
-                if not axes and t == 0 and self.num_saved_samples:
-                    self._tile_labels = sample_labels(dist, self.num_saved_samples)
+                par = self._pass_parameters(xin, keep_samples=not axes and t == 0)
                 acc.add(torch.flip(par, axes) if axes else par)
             if not self.tta_mixture:
                 res = acc.result()

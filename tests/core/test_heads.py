@@ -209,3 +209,57 @@ def test_heads_under_autocast_produce_float32(method) -> None:
         s = dist.rsample(2)
     assert dist.variance.dtype == torch.float32 and s.dtype == torch.float32
     assert torch.isfinite(s).all()
+
+
+def _perturbed(head: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
+    """The head with every parameter moved away from its initialisation."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in head.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return head
+
+
+@pytest.mark.parametrize("method,mixing", [(m, "soft") for m in KINDS] + [("mob", "hard")])
+@pytest.mark.parametrize("spatial", [(8, 8, 12), (6, 5, 7), (9, 10)], ids=["3d", "3d-odd", "2d"])
+def test_marginal_parameters_equal_the_covariance_of_the_distribution(
+    method, mixing, spatial
+) -> None:
+    torch.manual_seed(0)
+    cfg = HeadConfig(method, rank=5, bases=3, partitions=2, mixing=mixing)
+    head = _perturbed(build_head(cfg, F_IN).double())
+    feats, mu = _inputs(spatial)
+    feats, mu = feats.double(), mu.double()
+    with torch.no_grad():
+        got = head.marginal_parameters(feats, mu)
+        cov = head(feats, mu).voxel_covariance()  # (B, *sp, C, C): the independent route
+    assert got.shape == (2, 2, *spatial) and got.dtype == torch.float32
+    torch.testing.assert_close(got[:, 0], (mu[:, 1] - mu[:, 0]).float())
+    oracle = cov[..., 0, 0] + cov[..., 1, 1] - 2 * cov[..., 0, 1]
+    torch.testing.assert_close(got[:, 1].double(), oracle, rtol=1e-6, atol=1e-9)
+    if method != "deterministic":
+        assert oracle.min() > 0
+
+
+def test_marginal_parameters_of_three_classes_are_the_generic_ones() -> None:
+    from mobseg.core.inference import marginal_parameters
+
+    torch.manual_seed(0)
+    head = _perturbed(build_head(HeadConfig("lowrank", num_classes=3, rank=4), F_IN))
+    feats, mu = _inputs((6, 6, 6), classes=3)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            head.marginal_parameters(feats, mu), marginal_parameters(head(feats, mu))
+        )
+
+
+@pytest.mark.parametrize("method", ["lowrank", "single-basis", "mob"])
+def test_marginal_parameters_read_half_precision_features(method) -> None:
+    torch.manual_seed(0)
+    head = _perturbed(build_head(HeadConfig(method, rank=4), F_IN))
+    feats, mu = _inputs((8, 8, 8))
+    with torch.no_grad():
+        full = head.marginal_parameters(feats, mu)
+        half = head.marginal_parameters(feats.to(torch.bfloat16), mu)
+    assert half.dtype == torch.float32
+    torch.testing.assert_close(half, full, rtol=0.05, atol=1e-3)

@@ -201,6 +201,12 @@ class StubNet(nn.Module):
             return mu
         return mu, StubDist(mu, None if self.point_mass else samples, self.chunks)
 
+    def marginal_parameters(self, x: torch.Tensor) -> torch.Tensor:
+        """As :meth:`StochasticUNet.marginal_parameters`: from this stub's own forward."""
+        from mobseg.core.inference import marginal_parameters
+
+        return marginal_parameters(self(x, stochastic=True)[1])
+
 
 class RampNet(StubNet):
     """A stub that sees mirroring: mu_1 = x + ramp / 10 along the first spatial axis, and two
