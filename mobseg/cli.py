@@ -507,6 +507,22 @@ def predict(
             "always written.",
         ),
     ] = "seg,prob,var,entropy,mi",
+    dtype: Annotated[
+        str,
+        typer.Option(
+            help="Storage of the float maps: float32, or uint16 (16-bit integers with "
+            "NIfTI's scl_slope/scl_inter, read back as floats by every NIfTI reader; half "
+            "the bytes, at most (max - min) / 131070 off, e.g. 7.7e-6 for the probability).",
+        ),
+    ] = "float32",
+    nnunet_names: Annotated[
+        bool,
+        typer.Option(
+            "--nnunet-names",
+            help="With -o: write the segmentation as <case>.nii.gz (nnU-Net's naming, for "
+            "nnUNetv2_evaluate_folder) and the other maps into OUT/maps/.",
+        ),
+    ] = False,
     save_samples: Annotated[
         int,
         typer.Option(
@@ -584,6 +600,11 @@ def predict(
                     ) from exc
             if organ is None:
                 raise ConfigurationError("--method ensemble needs --organ NAME.")
+            if dtype != "float32" or nnunet_names:
+                raise ConfigurationError(
+                    "--method ensemble writes float32 maps with mobseg's names; "
+                    "drop --dtype and --nnunet-names."
+                )
             params = ensemble.EnsembleParams(_organ(organ), members, seeds, split)
             return ensemble.run(workspace(), params, force=force)
 
@@ -619,6 +640,8 @@ def predict(
             split=split,
             passes=passes,
             tta_mixture=tta_mixture,
+            dtype=dtype,
+            nnunet_names=nnunet_names,
         )
         return stage.run(workspace(), params, force=force)
 

@@ -36,7 +36,14 @@ steps 1-3 with nnU-Net's segmentation resampling (each label resampled as a
 mask, order 1, threshold 0.5); outside the crop they are background.
 
 Files are written atomically on the grid (size, spacing, origin, direction)
-of the input CT, read from the input file's header.
+of the input CT, read from the input file's header. The float maps are
+float32, or with ``dtype="uint16"`` scaled 16-bit integers
+(:mod:`mobseg.data.quantized`: half the bytes before compression, an
+absolute error of at most (max - min) / 131070 per file); vector images
+(C > 2) stay float32. With ``nnunet_names`` the segmentation is
+``<case>.nii.gz`` (nnU-Net's naming) and every other file goes to the
+subfolder ``maps/``, because nnU-Net's evaluation takes every ``.nii.gz`` of
+its prediction folder for a case.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ import torch
 
 from mobseg.core.inference import num_parameter_channels, voxel_maps
 from mobseg.data.nifti import Geometry, atomic_path, write_array
+from mobseg.data.quantized import write_uint16
 
 #: Maps written per case by default (``seg`` is always written, last).
 OUTPUT_SUFFIXES: tuple[str, ...] = ("seg", "prob", "var", "entropy", "mi")
@@ -61,6 +69,10 @@ LOGIT_SUFFIXES: tuple[str, ...] = ("logit_mean", "logit_var")
 BETWEEN_SUFFIX = "logit_var_between"
 #: m outside nnU-Net's crop (certain background).
 OUTSIDE_LOGIT = -100.0
+#: Storage of the float maps: float32, or scaled 16-bit integers.
+DTYPES: tuple[str, ...] = ("float32", "uint16")
+#: Subfolder of every file but the segmentation with ``nnunet_names``.
+MAPS_SUBDIR = "maps"
 
 
 def file_suffixes(save: tuple[str, ...] = OUTPUT_SUFFIXES) -> tuple[str, ...]:
@@ -73,7 +85,11 @@ def file_suffixes(save: tuple[str, ...] = OUTPUT_SUFFIXES) -> tuple[str, ...]:
 
 
 def output_paths(
-    out_dir: Path, case: str, samples: int = 0, save: tuple[str, ...] = OUTPUT_SUFFIXES
+    out_dir: Path,
+    case: str,
+    samples: int = 0,
+    save: tuple[str, ...] = OUTPUT_SUFFIXES,
+    nnunet_names: bool = False,
 ) -> dict[str, Path]:
     """``{suffix: <out_dir>/<case>_<suffix>.nii.gz}`` for every output.
 
@@ -82,9 +98,20 @@ def output_paths(
         case: Case id.
         samples: S sample label maps, named ``sample0`` .. ``sample<S-1>``.
         save: The maps written (see :data:`SAVE_CHOICES`).
+        nnunet_names: The segmentation is ``<out_dir>/<case>.nii.gz`` and
+            the other files are in ``<out_dir>/maps/``.
     """
     suffixes = (*file_suffixes(save), *(f"sample{i}" for i in range(samples)))
-    return {s: out_dir / f"{case}_{s}.nii.gz" for s in suffixes}
+    maps_dir = maps_folder(out_dir, nnunet_names)
+    paths = {s: maps_dir / f"{case}_{s}.nii.gz" for s in suffixes}
+    if nnunet_names:
+        paths["seg"] = out_dir / f"{case}.nii.gz"
+    return paths
+
+
+def maps_folder(out_dir: Path, nnunet_names: bool = False) -> Path:
+    """The folder of every file but the segmentation (see :func:`output_paths`)."""
+    return out_dir / MAPS_SUBDIR if nnunet_names else out_dir
 
 
 def _restore_geometry_args(
@@ -266,22 +293,31 @@ def write_case(
     out_dir: Path,
     case: str,
     save: tuple[str, ...] = OUTPUT_SUFFIXES,
+    dtype: str = "float32",
+    nnunet_names: bool = False,
 ) -> dict[str, Path]:
     """Write the maps ``save`` of one case on ``geometry`` (atomically); returns the paths.
 
     The segmentation is written last, so its presence marks a complete case.
+    ``dtype`` (:data:`DTYPES`) stores the float maps; ``nnunet_names`` names
+    the files as :func:`output_paths` does.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
-    paths = output_paths(out_dir, case, save=save)
-    dtypes = {"seg": np.uint8}
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    paths = output_paths(out_dir, case, save=save, nnunet_names=nnunet_names)
     for name in file_suffixes(save):
         if name not in maps:
             raise ValueError(f"no {name!r} map for case {case!r} (two classes only?)")
         arr = maps[name]
-        if arr.ndim == 4:
+        paths[name].parent.mkdir(parents=True, exist_ok=True)
+        if name == "seg":
+            write_array(arr, geometry, paths[name], dtype=np.uint8)
+        elif arr.ndim == 4:
             _write_vector(arr.astype(np.float32), geometry, paths[name])
+        elif dtype == "uint16":
+            write_uint16(arr, geometry, paths[name])
         else:
-            write_array(arr, geometry, paths[name], dtype=dtypes.get(name, np.float32))
+            write_array(arr, geometry, paths[name], dtype=np.float32)
     return paths
 
 
@@ -298,6 +334,8 @@ def export_parameters(
     save: tuple[str, ...] = OUTPUT_SUFFIXES,
     mc_samples: int = 30,
     mixture: bool = False,
+    dtype: str = "float32",
+    nnunet_names: bool = False,
 ) -> dict[str, Path]:
     """Resample, uncrop, untranspose, compute the maps and write them for one case.
 
@@ -315,6 +353,8 @@ def export_parameters(
         save: The maps to write (:data:`SAVE_CHOICES`); the segmentation always.
         mc_samples: Monte-Carlo samples per voxel for C > 2.
         mixture: ``params`` has the between-pass channel of a mixture of passes.
+        dtype: Storage of the float maps (:data:`DTYPES`).
+        nnunet_names: Name the files as :func:`output_paths` does.
 
     Returns:
         The written files by suffix.
@@ -337,10 +377,11 @@ def export_parameters(
         restored = labels_to_original_grid(
             samples, properties, plans_manager, configuration_manager
         )
-        out_dir.mkdir(parents=True, exist_ok=True)
+        paths = output_paths(out_dir, case, len(restored), save, nnunet_names)
         for i, lab in enumerate(restored):
-            path = out_dir / f"{case}_sample{i}.nii.gz"
+            path = paths[f"sample{i}"]
+            path.parent.mkdir(parents=True, exist_ok=True)
             write_array(lab, geo, path, dtype=np.uint8)
             written[f"sample{i}"] = path
     # the segmentation is written last (write_case), so it marks a complete case
-    return {**written, **write_case(maps, geo, out_dir, case, save)}
+    return {**written, **write_case(maps, geo, out_dir, case, save, dtype, nnunet_names)}

@@ -189,6 +189,11 @@ class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
 
     progress_label = "pretrain"
     plot_every = 10
+    #: The ``trainer_name`` its checkpoints record: nnU-Net's own trainer, which
+    #: builds the same network from the plans (the convolutions' parameters are
+    #: nnU-Net's), so ``nnUNetv2_predict_from_modelfolder`` finds the class by
+    #: name; nnU-Net searches only its own package for it.
+    checkpoint_trainer_name = "nnUNetTrainer"
 
     def __init__(  # nnU-Net records these argument names for its checkpoints
         self,
@@ -264,6 +269,10 @@ class PretrainTrainer(_QuietLogMixin, nnUNetTrainer):
         tmp = str(Path(filename).with_name(f".{Path(filename).name}.{os.getpid()}.tmp"))
         try:
             super().save_checkpoint(tmp)
+            if Path(tmp).exists():  # nnU-Net saves on the main rank only
+                ckpt = torch.load(tmp, map_location="cpu", weights_only=False)
+                ckpt["trainer_name"] = self.checkpoint_trainer_name
+                torch.save(ckpt, tmp)
         except (OSError, RuntimeError) as exc:
             Path(tmp).unlink(missing_ok=True)
             raise storage_error(filename, str(exc).strip().splitlines()[0]) from exc

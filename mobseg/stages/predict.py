@@ -26,6 +26,16 @@ among them and can add ``logits`` (``<case>_logit_mean.nii.gz`` and
 (uint8 label maps of S joint samples, k = 0..S-1, for GED). Cases whose
 files all exist are skipped, so an interrupted run resumes.
 
+Storage (``dtype``, ``--dtype``): the float maps are float32 (default) or
+``uint16``, 16-bit integers with NIfTI's scaling x = q * scl_slope +
+scl_inter per file (:mod:`mobseg.data.quantized`; NIfTI-1 has no float16),
+which every NIfTI reader returns as floats, at most (max - min) / 131070 off
+(E[p]: 7.7e-6); multi-class vector maps stay float32. ``nnunet_names``
+(``--nnunet-names``, only with ``out``): the segmentation is
+``<case>.nii.gz``, nnU-Net's naming, so ``nnUNetv2_evaluate_folder`` reads
+``out`` as it is, and every other file goes to ``out/maps/`` (nnU-Net's
+evaluation takes every ``.nii.gz`` of the folder for a case).
+
 Case names: ``<case>_0000.nii.gz`` -> ``<case>``; ``<name>.nii.gz`` ->
 ``<name>``; a TotalSegmentator ``<case>/ct.nii.gz`` -> ``<case>``.
 
@@ -50,8 +60,10 @@ Manifest key ``predict/<organ>/<tag>/seed<S>``; outputs: ``pred_dir``,
 more), ``samples`` (k per voxel for Monte-Carlo maps, else 0), ``tta``,
 ``checkpoint``, ``point_mass``, ``mixing``, ``saved_samples`` (S written per
 case), ``files`` (suffixes written), ``passes`` (T), ``decoder_dropout``,
-``tta_mixture``, ``seconds_per_case`` (mean wall time of the cases predicted
-by this call: preprocessing, inference and export; None if all were resumed).
+``tta_mixture``, ``dtype`` (storage of the float maps), ``maps_dir`` (the
+folder of every file but the segmentation), ``seconds_per_case`` (mean wall
+time of the cases predicted by this call: preprocessing, inference and
+export; None if all were resumed).
 """
 
 from __future__ import annotations
@@ -122,6 +134,10 @@ class PredictParams:
             dropout accepts only 1).
         tta_mixture: Keep the mirrored passes as a mixture (tag suffix
             :data:`TTA_MIXTURE_SUFFIX`).
+        dtype: Storage of the float maps: ``float32`` or ``uint16`` (scaled,
+            see the module docstring).
+        nnunet_names: Write the segmentation as ``<case>.nii.gz`` and the
+            other files into ``out/maps/`` (needs ``out``).
     """
 
     organ: str
@@ -140,6 +156,8 @@ class PredictParams:
     split: str = "test"
     passes: int | None = None
     tta_mixture: bool = False
+    dtype: str = "float32"
+    nnunet_names: bool = False
 
     @property
     def run_tag(self) -> str:
@@ -165,7 +183,12 @@ class PredictParams:
         d["save"] = list(self.save)
         if self.split == "test":  # records written before --split existed stay equal
             del d["split"]
-        for name, default in (("passes", None), ("tta_mixture", False)):
+        for name, default in (
+            ("passes", None),
+            ("tta_mixture", False),
+            ("dtype", "float32"),
+            ("nnunet_names", False),
+        ):
             if d[name] == default:  # likewise for records written before these options
                 del d[name]
         return d
@@ -288,6 +311,7 @@ def run(
         raise ConfigurationError(f"--passes must be >= 1, got {params.passes}.")
     if params.tta_mixture and not params.tta:
         raise ConfigurationError("--tta-mixture needs the mirrored passes: drop --no-tta.")
+    _check_storage(params)
     manifest = Manifest(ws.manifest_path)
     model = pretrained_model(manifest, params.organ)
     tag, seed = params.tag, params.run_seed
@@ -322,6 +346,7 @@ def run(
         if params.out is not None
         else split_prediction_dir(ws.prediction_dir(params.organ, tag, seed), params.split)
     )
+    _check_no_overwrite(inputs, out_dir, params)
     device = resolve_device(params.device)
     preset = get_preset(model.preset)
 
@@ -403,7 +428,7 @@ def predict_files(
     from mobseg.core.registry import build_head
     from mobseg.data.nifti import files_complete, verify_nifti_file
     from mobseg.nnunet.env import quiet
-    from mobseg.nnunet.export import export_parameters, file_suffixes, output_paths
+    from mobseg.nnunet.export import export_parameters, file_suffixes, maps_folder, output_paths
     from mobseg.nnunet.network import (
         StochasticUNet,
         build_backbone,
@@ -489,18 +514,19 @@ def predict_files(
     n_saved = predictor.num_saved_samples
     preprocessor = cm.preprocessor_class(verbose=False)
     out_dir.mkdir(parents=True, exist_ok=True)
+    maps_dir = maps_folder(out_dir, params.nnunet_names)
     done: list[str] = []
     seconds: list[float] = []
     with progress_bar(f"predict {params.tag}", len(inputs)) as advance:
         for case, path in inputs.items():
-            paths = output_paths(out_dir, case, n_saved, save)
+            paths = output_paths(out_dir, case, n_saved, save, params.nnunet_names)
             if not force and files_complete(paths.values(), last=paths["seg"]):
                 done.append(case)
                 advance(case=case)
                 continue
             start = time.perf_counter()
             verify_nifti_file(path, case)
-            _clear_case(paths["seg"], out_dir, case, n_saved)
+            _clear_case(paths["seg"], maps_dir, case, n_saved)
             try:
                 with quiet():
                     data, _, props = preprocessor.run_case([str(path)], None, pm, cm, dataset_json)
@@ -523,6 +549,8 @@ def predict_files(
                 save=save,
                 mc_samples=params.samples,
                 mixture=mixture,
+                dtype=params.dtype,
+                nnunet_names=params.nnunet_names,
             )
             seconds.append(time.perf_counter() - start)
             done.append(case)
@@ -542,6 +570,8 @@ def predict_files(
         "passes": passes,
         "decoder_dropout": rate,
         "tta_mixture": params.tta_mixture,
+        "dtype": params.dtype,
+        "maps_dir": str(maps_dir),
         "seconds_per_case": sum(seconds) / len(seconds) if seconds else None,
     }
 
@@ -556,6 +586,39 @@ def _check_save(save: tuple[str, ...]) -> None:
             raise UnknownNameError("map", name, SAVE_CHOICES)
     if len(set(save)) != len(save):
         raise ConfigurationError(f"--save names a map twice: {','.join(save)}.")
+
+
+def _check_storage(params: PredictParams) -> None:
+    """``--dtype`` is a known storage; ``--nnunet-names`` writes into a user's folder."""
+    from mobseg.nnunet.export import DTYPES
+
+    if params.dtype == "float16":
+        raise ConfigurationError(
+            "NIfTI has no float16 data type (nibabel and SimpleITK refuse it).",
+            "Use --dtype uint16: 16-bit integers with NIfTI's scaling, half the bytes, "
+            "read back as floats.",
+        )
+    if params.dtype not in DTYPES:
+        raise UnknownNameError("dtype", params.dtype, DTYPES)
+    if params.nnunet_names and params.out is None:
+        raise ConfigurationError(
+            "--nnunet-names needs -o/--out: the study's own prediction folders keep "
+            "mobseg's names (evaluate and report read them)."
+        )
+
+
+def _check_no_overwrite(inputs: dict[str, Path], out_dir: Path, params: PredictParams) -> None:
+    """Refuse an output file that is one of the input CTs (``-o`` = ``-i`` with plain names)."""
+    from mobseg.nnunet.export import output_paths
+
+    sources = {p.resolve() for p in inputs.values()}
+    for case in inputs:
+        for path in output_paths(out_dir, case, 0, params.save, params.nnunet_names).values():
+            if path.resolve() in sources:
+                raise ConfigurationError(
+                    f"The output {path.name} would overwrite the input CT {path}.",
+                    "Give another -o/--out folder.",
+                )
 
 
 def _clear_case(seg: Path, out_dir: Path, case: str, keep: int) -> None:
