@@ -40,7 +40,7 @@ from nibabel.spatialimages import HeaderDataError
 
 from mobseg.errors import InvalidInputError
 from mobseg.fsutil import atomic_path as _atomic_path
-from mobseg.fsutil import atomic_write_bytes
+from mobseg.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -380,11 +380,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     with _atomic_path(path, verify=_verify_written) as tmp:
         yield tmp
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
