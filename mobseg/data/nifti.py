@@ -5,14 +5,10 @@ reader (``SimpleITKIO``) is SimpleITK too: size, spacing, origin and direction
 are always those SimpleITK reports (LPS world coordinates; a RAS NIfTI file
 therefore reads with direction ``diag(-1, -1, 1)``).
 
-Reading verifies what SimpleITK does not:
-
-- the whole gzip stream is decompressed once and its CRC and length checked
-  (SimpleITK silently fills a truncated ``.nii.gz`` with zeros);
-- the NIfTI header's data block fits in the decompressed bytes (a complete
-  gzip of a cut-off file is caught the same way);
-- floating-point images hold only finite values, checked on the stored bytes
-  (SimpleITK's NIfTI reader silently reads NaN and infinity as 0).
+Reading first verifies, with nibabel and Python's ``gzip``, what SimpleITK
+does not (it fills a truncated ``.nii.gz`` with zeros and reads NaN and
+infinity as 0): the header is one nibabel accepts, the data block is complete,
+the gzip stream's CRC and length are right, and floating-point data are finite.
 
 Writing is atomic and verified: a temporary file in the destination folder is
 read back in full (a full disk makes SimpleITK write a short file without
@@ -26,7 +22,6 @@ and the file.
 from __future__ import annotations
 
 import gzip
-import io
 import json
 import logging
 import os
@@ -40,14 +35,17 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import SimpleITK as sitk
+from nibabel.arrayproxy import ArrayProxy
+from nibabel.spatialimages import HeaderDataError
 
 from mobseg.errors import InvalidInputError
 from mobseg.fsutil import atomic_path as _atomic_path
-from mobseg.fsutil import atomic_write_bytes
+from mobseg.fsutil import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1 << 22  # 4 MiB
+_HEADERS = (nib.Nifti1Header, nib.Nifti2Header)
 
 
 # -- geometry ----------------------------------------------------------------------
@@ -163,15 +161,6 @@ def check_same_geometry(
 
 # -- verified reading --------------------------------------------------------------
 @dataclass(frozen=True)
-class _Header:
-    """What verification needs from a NIfTI-1/2 header."""
-
-    offset: int  # first data byte
-    end: int  # one past the last data byte
-    float_dtype: np.dtype | None  # numpy dtype of floating-point data, else None
-
-
-@dataclass(frozen=True)
 class NiftiFileInfo:
     """The result of :func:`verify_nifti_file`.
 
@@ -188,78 +177,17 @@ class NiftiFileInfo:
     n_inf: int = 0
 
 
-def _parse_header(head: bytes) -> tuple[_Header, int] | None:
-    """(header facts, datatype) of a single-file NIfTI from its first 540 bytes.
-
-    The header is parsed by nibabel (NIfTI-1 or NIfTI-2, either byte order,
-    chosen by its ``sizeof_hdr``). Returns None when ``head`` is not a valid
-    NIfTI-1/2 header.
-    """
-    if len(head) < 4:
-        return None
-    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
-    klass = nib.Nifti1Header if 348 in sizes else nib.Nifti2Header if 540 in sizes else None
-    if klass is None or len(head) < klass.sizeof_hdr:
-        return None
-    try:
-        hdr = klass.from_fileobj(io.BytesIO(head[: klass.sizeof_hdr]), check=False)
-        if bytes(hdr["magic"]).rstrip(b"\x00") not in (b"n+1", b"ni1", b"n+2", b"ni2"):
-            return None
-        shape = hdr.get_data_shape()
-        dtype = hdr.get_data_dtype()
-        offset = int(hdr.get_data_offset())
-    except Exception:  # nibabel raises several types for a foreign or broken block
-        return None
-    if not 1 <= len(shape) <= 7:
-        return None
-    voxels = 1
-    for d in shape:
-        voxels *= max(int(d), 1)
-    offset = max(offset, klass.sizeof_hdr + 4)
-    float_dtype = dtype if dtype.kind == "f" else None
-    header = _Header(offset, offset + voxels * dtype.itemsize, float_dtype)
-    return header, int(hdr["datatype"])
-
-
-class _FiniteCounter:
-    """Counts NaN and infinite values of a float data block fed in pieces."""
-
-    def __init__(self, header: _Header) -> None:
-        if header.float_dtype is None:
-            raise ValueError("_FiniteCounter needs a floating-point data type")
-        self.header = header
-        self.dtype: np.dtype = header.float_dtype
-        self.pos = 0  # bytes of the file seen so far
-        self.carry = b""
-        self.n_nan = 0
-        self.n_inf = 0
-
-    def feed(self, chunk: bytes) -> None:
-        start, end = self.pos, self.pos + len(chunk)
-        self.pos = end
-        lo = max(start, self.header.offset) - start
-        hi = min(end, self.header.end) - start
-        if hi <= lo:
-            return
-        data = self.carry + chunk[lo:hi]
-        usable = len(data) - len(data) % self.dtype.itemsize
-        self.carry = data[usable:]
-        values = np.frombuffer(data[:usable], dtype=self.dtype)
-        nan = np.isnan(values)
-        self.n_nan += int(nan.sum())
-        self.n_inf += int(np.isinf(values).sum())
-
-
 def verify_nifti_file(
     path: str | os.PathLike[str], case: str | None = None, display: str | None = None
 ) -> NiftiFileInfo:
     """Check a ``.nii`` / ``.nii.gz`` file completely, without trusting SimpleITK.
 
-    The gzip stream (if any) is decompressed to the end, which checks its CRC
-    and length; the NIfTI header must be valid and its data block must be
-    present in full. Floating-point data are scanned for NaN and infinite
-    values on the way, because SimpleITK's NIfTI reader silently turns them
-    into 0 (measured with SimpleITK 2.x); the counts are returned, not raised.
+    nibabel reads the header (NIfTI-1 or NIfTI-2, either byte order; a header
+    it refuses is not a NIfTI file) and the stored data block, which must be
+    present in full. The gzip stream is then read to its end, so that Python's
+    ``gzip`` checks its CRC and length. Floating-point data are counted for NaN
+    and infinite values, because SimpleITK's NIfTI reader silently turns them
+    into 0; the counts are returned, not raised.
 
     Args:
         path: The file.
@@ -272,76 +200,64 @@ def verify_nifti_file(
 
     Raises:
         InvalidInputError: missing file, truncated or corrupt gzip stream, not a
-            NIfTI file, or data shorter than the header declares.
+            NIfTI file (or one of no voxels), or data shorter than the header
+            declares.
     """
     p = Path(path)
     shown = display or str(p)
     if not p.is_file():
         raise InvalidInputError("The file does not exist.", case=case, path=shown)
     with open(p, "rb") as raw:
-        magic = raw.read(2)
-    gzipped = magic == b"\x1f\x8b"
+        gzipped = raw.read(2) == b"\x1f\x8b"
     if not gzipped and p.name.endswith(".gz"):
         raise InvalidInputError(
-            "The file ends in .gz but is not gzip-compressed (corrupt file).",
-            case=case,
-            path=shown,
+            "The file ends in .gz but is not gzip-compressed (corrupt file).", case=case, path=shown
         )
-    head = b""
-    parsed: tuple[_Header, int] | None = None
-    counter: _FiniteCounter | None = None
-    pending: list[bytes] = []
-    total = 0
     try:
-        opener = gzip.open if gzipped else open
-        with opener(p, "rb") as fh:  # type: ignore[operator]
-            while True:
-                chunk = fh.read(_CHUNK)
-                if not chunk:
-                    break
-                total += len(chunk)
-                if parsed is None and len(head) < 540:
-                    head += chunk[: 540 - len(head)]
-                    pending.append(chunk)
-                    if len(head) >= 540:
-                        parsed = _parse_header(head)
-                        if parsed is not None and parsed[0].float_dtype is not None:
-                            counter = _FiniteCounter(parsed[0])
-                            for piece in pending:
-                                counter.feed(piece)
-                        pending = []
-                    continue
-                if counter is not None:
-                    counter.feed(chunk)
-    except (EOFError, OSError, zlib.error) as exc:
+        with gzip.open(p, "rb") if gzipped else open(p, "rb") as fh:
+            head = fh.read(nib.Nifti2Header.sizeof_hdr)
+            fh.seek(0)
+            header = _nifti_header(fh, head, case, shown)
+            stored = ArrayProxy(fh, header).get_unscaled()  # the stored values, unscaled
+            while gzipped and fh.read(_CHUNK):  # to the end: gzip checks CRC and length
+                pass
+            nbytes = fh.tell() if gzipped else p.stat().st_size
+    except (EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise InvalidInputError(
             f"Truncated or corrupt gzip stream ({exc}).",
             case=case,
             path=shown,
             hint="Download or extract the file again.",
         ) from exc
-    if parsed is None:  # a file shorter than 540 bytes
-        parsed = _parse_header(head)
-        if parsed is not None and parsed[0].float_dtype is not None:
-            counter = _FiniteCounter(parsed[0])
-            for piece in pending:
-                counter.feed(piece)
-    if parsed is None:
-        raise InvalidInputError("Not a NIfTI file (no valid NIfTI header).", case=case, path=shown)
-    header, datatype = parsed
-    if total < header.end:
+    except OSError as exc:  # nibabel: "Expected N bytes, got M bytes from <file>"
+        first = str(exc).splitlines()[0].split(" from ")[0]
         raise InvalidInputError(
-            f"The image data is truncated: {total} of {header.end} bytes present.",
+            f"The image data is truncated or unreadable ({first}).",
             case=case,
             path=shown,
             hint="Download or extract the file again.",
-        )
-    return NiftiFileInfo(
-        nbytes=total,
-        datatype=datatype,
-        n_nan=counter.n_nan if counter else 0,
-        n_inf=counter.n_inf if counter else 0,
-    )
+        ) from exc
+    n_nan = n_inf = 0
+    if stored.dtype.kind == "f":
+        n_nan = int(np.isnan(stored).sum())
+        n_inf = int(np.isinf(stored).sum())
+    return NiftiFileInfo(nbytes, int(header["datatype"]), n_nan, n_inf)
+
+
+def _nifti_header(fh: Any, head: bytes, case: str | None, shown: str) -> nib.Nifti1Header:
+    """The header of an open single-file NIfTI stream, read and checked by nibabel."""
+    klass = next((k for k in _HEADERS if k.may_contain_header(head)), None)
+    problem = "no NIfTI-1 or NIfTI-2 header"
+    if klass is not None:
+        try:
+            header = klass.from_fileobj(fh)
+            shape = header.get_data_shape()
+            if shape and min(shape) >= 1:
+                return header
+            problem = f"the header declares {shape} voxels"
+        except (HeaderDataError, ValueError) as exc:
+            problem = f"invalid header: {exc}"
+    raise InvalidInputError(f"Not a NIfTI file ({problem}).", case=case, path=shown)
 
 
 def _raise_non_finite(n_nan: int, n_inf: int, case: str | None, path: str | None) -> None:
@@ -464,11 +380,6 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     with _atomic_path(path, verify=_verify_written) as tmp:
         yield tmp
-
-
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write UTF-8 ``text`` to ``path`` atomically."""
-    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -71,14 +71,9 @@ from scipy import ndimage, special
 
 from mobseg import progress
 from mobseg.data.meta import format_meta
-from mobseg.data.nifti import (
-    array_to_image,
-    atomic_write_bytes,
-    atomic_write_json,
-    verify_nifti_file,
-)
+from mobseg.data.nifti import array_to_image, atomic_write_json, verify_nifti_file
 from mobseg.errors import ConfigurationError, InvalidInputError
-from mobseg.fsutil import storage_error
+from mobseg.fsutil import atomic_write_bytes, storage_error
 
 log = logging.getLogger(__name__)
 

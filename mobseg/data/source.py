@@ -37,7 +37,7 @@ import SimpleITK as sitk
 
 from mobseg.data import nifti
 from mobseg.errors import InvalidInputError
-from mobseg.fsutil import describe_os_error, is_storage_error, storage_error
+from mobseg.fsutil import atomic_write_bytes, describe_os_error, is_storage_error, storage_error
 
 log = logging.getLogger(__name__)
 
@@ -487,4 +487,4 @@ def write_meta(root: str | os.PathLike[str], rows: list[dict[str, str]]) -> Path
     """Write ``meta.csv`` in the dataset's format (BOM, ``;``, 11 columns)."""
     from mobseg.data.meta import format_meta
 
-    return nifti.atomic_write_bytes(Path(root) / META_NAME, format_meta(rows))
+    return atomic_write_bytes(Path(root) / META_NAME, format_meta(rows))

@@ -17,6 +17,7 @@ import pytest
 import SimpleITK as sitk
 from reliability_helpers import small_tmpfs
 
+from mobseg import fsutil
 from mobseg.data import nifti
 from mobseg.errors import StorageError
 from mobseg.manifest import Manifest
@@ -82,7 +83,7 @@ def test_a_real_full_tmpfs(tmp_path: Path) -> None:
             nifti.write_image(noise, disk / "big.nii.gz")
         assert [p.name for p in disk.iterdir()] == []
         with pytest.raises(StorageError, match="No space left"):
-            nifti.atomic_write_bytes(disk / "big.bin", b"\0" * (2 << 20))
+            fsutil.atomic_write_bytes(disk / "big.bin", b"\0" * (2 << 20))
         assert [p.name for p in disk.iterdir()] == []
 
 
