@@ -42,7 +42,6 @@ from mobseg.core.distributions import (
     LowRankLogits,
     MixtureOfBasesLogits,
     SingleBasisLogits,
-    mix_bases,
 )
 from mobseg.core.inference import marginal_parameters
 from mobseg.core.partitions import block_matvec, block_mean, get_partition
@@ -348,14 +347,34 @@ class MixtureOfBasesHead(StochasticHead):
         )
 
     def _difference_variance(self, h: Tensor, mu: Tensor) -> Tensor:
-        # d_0 + d_1 + sum_r (B_p1r - B_p0r)^2 a_nr^2 with the basis B_p of the voxel's block.
+        # s^2 = d_0 + d_1 + sum_r q_pr a_nr^2, q_pr = (B_p1r - B_p0r)^2 with the basis B_p
+        # of the voxel's block. B_p = sum_m w_pm B_m (one-hot w for hard mixing), so with
+        # delta_m = B_m1 - B_m0: q_pr = sum_{m <= m'} c_pmm' delta_mr delta_m'r, where
+        # c_pmm' = w_pm w_pm' (doubled for m < m'). The R squared coefficients then reduce
+        # to K = M (M + 1) / 2 channels u_mm' = sum_r delta_mr delta_m'r a_r^2 by one
+        # matrix product, and only those K are weighted per block (when K < R).
+        # mix_in is linear, so the block means of its output are the mixing network's
+        # input: it joins the stacked convolution (M channels instead of F averaged).
+        r, m = self.cfg.rank, self.cfg.bases
+        part = get_partition(tuple(h.shape[2:]), self.cfg.partitions)
         out = pointwise(
             h,
-            torch.cat([self.variance.weight, self.coeffs.weight]),
-            torch.cat([self.variance.bias, self.coeffs.bias]),
+            torch.cat([self.variance.weight, self.coeffs.weight, self.mix_in.weight]),
+            torch.cat([self.variance.bias, self.coeffs.bias, torch.zeros_like(self.mix_in.bias)]),
         )
-        block = mix_bases(self.block_weights(h), self.bases.to(out.dtype), self._mixing)
-        q = (block[:, :, 1] - block[:, :, 0]).square()  # (B, P^d, R)
-        part = get_partition(tuple(h.shape[2:]), self.cfg.partitions)
-        low = block_matvec(q[:, :, None, :], out[:, 2:], part, square=True)[:, 0]
+        pooled = block_mean(out[:, 2 + r :], part).transpose(1, 2) + self.mix_in.bias
+        w = torch.softmax(self.mix_mlp(pooled) / self.cfg.temperature, dim=-1)  # (B, P^d, M)
+        if self._mixing == "hard":
+            w = F.one_hot(w.argmax(-1), m).to(w.dtype)
+        delta = (self.bases[:, 1] - self.bases[:, 0]).to(out.dtype)  # (M, R)
+        a2 = out[:, 2 : 2 + r].square()
+        rows, cols = torch.triu_indices(m, m, device=h.device)
+        if rows.numel() < r:
+            twice = torch.where(rows == cols, 1.0, 2.0).to(out.dtype)
+            c = w[..., rows] * w[..., cols] * twice  # (B, P^d, K)
+            u = torch.matmul(delta[rows] * delta[cols], a2.flatten(2)).unflatten(2, a2.shape[2:])
+            low = block_matvec(c[:, :, None, :], u, part)[:, 0]
+        else:
+            q = torch.einsum("bpm,mr->bpr", w, delta).square()  # (B, P^d, R)
+            low = block_matvec(q[:, :, None, :], a2, part)[:, 0]
         return self._variance(out[:, :2]).sum(1) + low

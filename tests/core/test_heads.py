@@ -220,13 +220,18 @@ def _perturbed(head: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
     return head
 
 
-@pytest.mark.parametrize("method,mixing", [(m, "soft") for m in KINDS] + [("mob", "hard")])
+@pytest.mark.parametrize(
+    "method,mixing,rank",
+    [(m, "soft", 5) for m in KINDS] + [("mob", "hard", 5), ("mob", "soft", 8), ("mob", "hard", 8)],
+)
 @pytest.mark.parametrize("spatial", [(8, 8, 12), (6, 5, 7), (9, 10)], ids=["3d", "3d-odd", "2d"])
 def test_marginal_parameters_equal_the_covariance_of_the_distribution(
-    method, mixing, spatial
+    method, mixing, rank, spatial
 ) -> None:
+    # mob with M = 3: rank 5 weights the R squared coefficients per block, rank 8 the
+    # K = 6 < R reduced channels (both routes of MixtureOfBasesHead._difference_variance).
     torch.manual_seed(0)
-    cfg = HeadConfig(method, rank=5, bases=3, partitions=2, mixing=mixing)
+    cfg = HeadConfig(method, rank=rank, bases=3, partitions=2, mixing=mixing)
     head = _perturbed(build_head(cfg, F_IN).double())
     feats, mu = _inputs(spatial)
     feats, mu = feats.double(), mu.double()
