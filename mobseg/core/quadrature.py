@@ -120,7 +120,8 @@ def _normal_cdf(x: Tensor) -> Tensor:
 def _entropy_of_p(p: Tensor) -> Tensor:
     """Binary entropy of a probability (nats)."""
     q = 1 - p
-    return -(torch.special.xlogy(p, p) + torch.special.xlogy(q, q))
+    tiny = torch.finfo(p.dtype).tiny  # 0 * log(tiny) = 0: the limit of x log x at 0
+    return -(p * p.clamp_min(tiny).log() + q * q.clamp_min(tiny).log())
 
 
 def _p_and_entropy(d: Tensor) -> tuple[Tensor, Tensor]:
@@ -172,10 +173,14 @@ def _wide(m: Tensor, s: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     out = torch.empty((3, m.numel()), dtype=m.dtype, device=m.device)
     step = max(1, WIDE_ELEMENTS // d.numel())
     log_norm = math.log(TRAPEZOID_STEP / math.sqrt(2 * math.pi))
+    buf = torch.empty((d.numel(), min(step, m.numel())), dtype=m.dtype, device=m.device)
     for start in range(0, m.numel(), step):
         mm, ss = m[start : start + step], s[start : start + step]
-        z = (d[:, None] - mm[None, :]).div_(ss[None, :])  # (J, n)
-        g = torch.addcmul((log_norm - ss.log())[None, :], z, z, value=-0.5)
+        # g = exp(log_norm - log s - z^2 / 2), z = (d_j - m) / s: in place in one (J, n)
+        # buffer reused by every slice (fresh buffers cost page faults on the CPU)
+        g = buf if mm.numel() == buf.shape[1] else buf[:, : mm.numel()].contiguous()
+        torch.sub(d[:, None], mm[None, :], out=g).div_(ss[None, :]).square_()
+        torch.add((log_norm - ss.log())[None, :], g, alpha=-0.5, out=g)
         # Weights below e^-50 (2e-22) are negligible; flooring the exponent keeps every
         # weight, and every product with a remainder (|r| >= 1e-15 or 0), a normal
         # float32: subnormal numbers make exp and the matrix product several times
@@ -204,11 +209,13 @@ def _chunk(m: Tensor, s2: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
             sums.scatter(idx, part)
     idx = (s > HERMITE_MAX_STD).nonzero().squeeze(1)
     if idx.numel():
-        p_i = p_m[idx]
-        ep, ep2, eh = _wide(m[idx], s[idx])
-        wide = _Sums(p_i, h_m[idx])
-        wide.dp, wide.dp2, wide.dh = ep - p_i, ep2 - 2 * p_i * ep + p_i**2, eh - h_m[idx]
-        sums.scatter(idx, wide)
+        every = idx.numel() == s.numel()  # no gather and scatter when every voxel is wide
+        wide = sums if every else _Sums(p_m[idx], h_m[idx])
+        ep, ep2, eh = _wide(m, s) if every else _wide(m[idx], s[idx])
+        p_i = wide.p_m
+        wide.dp, wide.dp2, wide.dh = ep - p_i, ep2 - 2 * p_i * ep + p_i**2, eh - wide.h_m
+        if not every:
+            sums.scatter(idx, wide)
     mean_p = (p_m + sums.dp).clamp(0, 1)
     var_p = (sums.dp2 - sums.dp**2).clamp_min(0)
     expected_h = (h_m + sums.dh).clamp_min(0)

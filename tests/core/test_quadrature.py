@@ -129,3 +129,15 @@ def test_shapes_chunking_and_errors():
         binary_maps(m, -v)
     with pytest.raises(ValueError, match="finite"):
         binary_maps(m.clone().fill_(float("nan")), v)
+
+
+def test_voxels_give_the_same_maps_alone_or_among_others():
+    # all voxels wide (s > 1: no gather / scatter) vs the same voxels among narrow ones
+    gen = torch.Generator().manual_seed(2)
+    m = 8 * torch.randn(300, generator=gen, dtype=torch.float64)
+    wide = 1.0 + 30 * torch.rand(300, generator=gen, dtype=torch.float64)
+    narrow = torch.rand(300, generator=gen, dtype=torch.float64) ** 2
+    alone = binary_maps(m, wide)
+    mixed = binary_maps(torch.cat([m, m]), torch.cat([narrow, wide]))
+    for name in ("mean_p", "var_p", "expected_entropy", "predictive_entropy"):
+        torch.testing.assert_close(getattr(alone, name), getattr(mixed, name)[300:])
