@@ -317,3 +317,44 @@ def test_mc_dropout_variant_trains_with_decoder_dropout(micro_ws: Workspace) -> 
         load_full(build_network(pm, cm, 1, 2, HeadConfig("deterministic"), False, rate), ckpt)
     with pytest.raises(ConfigurationError, match="dropout-rate"):
         finetune.run(micro_ws, _params("deterministic", 6, decoder_dropout=1.5))
+
+
+def test_validation_is_one_unmirrored_pass_per_tile(
+    micro_ws: Workspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fine-tuning's whole-volume validation runs the network once per sliding-window tile.
+
+    Mirroring (on by default for ``predict``) would multiply it by up to 8; the
+    expected count comes from nnU-Net's own tiling of each validation volume.
+    """
+    from nnunetv2.inference.sliding_window_prediction import compute_steps_for_sliding_window
+
+    from mobseg.nnunet import predictor as pred_mod
+
+    forwards, expected, mirroring, hooked = [0], [0], [], set()
+
+    def count_backbone_pass(module, _inputs, _output) -> None:
+        if not module.training:
+            forwards[0] += 1
+
+    plain_predict = pred_mod.HeadPredictor.predict_parameters
+
+    def recording_predict(self, data, *args, **kwargs):
+        backbone = self.network.backbone  # every pass runs it, whatever the head computes
+        if id(backbone) not in hooked:
+            hooked.add(id(backbone))
+            backbone.register_forward_hook(count_backbone_pass)
+        mirroring.append(self.use_mirroring)
+        patch = list(self.configuration_manager.patch_size)
+        shape = [max(s, p) for s, p in zip(data.shape[1:], patch, strict=True)]  # padded to a patch
+        tiles = 1
+        for steps in compute_steps_for_sliding_window(shape, patch, self.tile_step_size):
+            tiles *= len(steps)
+        expected[0] += tiles
+        return plain_predict(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(pred_mod.HeadPredictor, "predict_parameters", recording_predict)
+    finetune.run(micro_ws, _params("lowrank", 11, epochs=1, iterations=1))
+    assert mirroring and not any(mirroring)  # one validation, every case unmirrored
+    assert expected[0] >= len(mirroring)
+    assert forwards[0] == expected[0]
