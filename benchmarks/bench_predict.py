@@ -12,8 +12,10 @@ One synthetic preprocessed volume is predicted on the same network by:
   by quadrature: no sample count).
 
 TTA is off for all of them. Timing runs all configurations in one process,
-interleaved round by round (so a busy machine slows all of them alike; the
-fastest round of each, wall clock and process CPU time). Peak resident memory
+interleaved round by round (so a busy machine slows all of them alike): the
+seconds are each configuration's fastest round (wall clock and process CPU
+time), the ratios the median over rounds of the ratio within a round; each
+round starts one configuration later than the one before. Peak resident memory
 (VmHWM after a warm-up) is measured with each configuration in a process of
 its own. Targets (issue 11): every stochastic method <= 1.10x deterministic
 and <= 1.25x nnU-Net in time, <= 1.2x nnU-Net in peak memory.
@@ -91,6 +93,13 @@ def _setup(method: str, args: argparse.Namespace):
     return run
 
 
+def _median_ratio(times: list[float], base: list[float]) -> float:
+    """Median over rounds of times[i] / base[i]."""
+    ratios = sorted(t / b for t, b in zip(times, base, strict=True))
+    n = len(ratios)
+    return ratios[n // 2] if n % 2 else 0.5 * (ratios[n // 2 - 1] + ratios[n // 2])
+
+
 def _memory_worker(label: str, method: str, args: argparse.Namespace, queue) -> None:
     from benchlib import peak_mb, reset_peak
 
@@ -149,8 +158,11 @@ def main() -> None:
         run()  # warm-up
     wall: dict[str, list[float]] = {label: [] for label in runs}
     cpu: dict[str, list[float]] = {label: [] for label in runs}
-    for _ in range(args.repeats):
-        for label, run in runs.items():
+    order = list(runs.items())
+    for i in range(args.repeats):
+        # each round starts one configuration later: no configuration always follows the same
+        # one (the one before leaves the allocator and caches in its own state)
+        for label, run in order[i % len(order) :] + order[: i % len(order)]:
             t0, c0 = time.perf_counter(), time.process_time()
             run()
             wall[label].append(time.perf_counter() - t0)
@@ -160,6 +172,11 @@ def main() -> None:
     w = {label: min(v) for label, v in wall.items()}
     c = {label: min(v) for label, v in cpu.items()}
     base, ref = "deterministic", "nnU-Net"
+    # ratios: the median over rounds of the ratio within each round (configurations of one
+    # round run back to back, so a slow phase of the machine slows both sides alike)
+    ratio_det = {label: _median_ratio(wall[label], wall[base]) for label in runs}
+    ratio_ref = {label: _median_ratio(wall[label], wall[ref]) for label in runs}
+    cratio_det = {label: _median_ratio(cpu[label], cpu[base]) for label in runs}
     print(
         f"prediction of a {args.size}^3 volume, patch {args.patch}^3, step 0.5, no TTA, features "
         f"{args.features}, R = {args.rank}, M = {args.bases}, P = {args.partitions}, "
@@ -172,13 +189,13 @@ def main() -> None:
     )
     for label in runs:
         print(
-            f"{label:<16}{w[label]:>9.3f}{w[label] / w[base]:>8.2f}{w[label] / w[ref]:>8.2f}"
-            f"{c[label]:>9.3f}{c[label] / c[base]:>8.2f}{memory[label]['peak_mb']:>10.0f}"
+            f"{label:<16}{w[label]:>9.3f}{ratio_det[label]:>8.2f}{ratio_ref[label]:>8.2f}"
+            f"{c[label]:>9.3f}{cratio_det[label]:>8.2f}{memory[label]['peak_mb']:>10.0f}"
             f"{memory[label]['peak_mb'] / memory[ref]['peak_mb']:>8.2f}"
         )
     stochastic = [label for label in runs if label not in (base, ref)]
-    worst_det = max(w[m] / w[base] for m in stochastic)
-    worst_ref = max(w[m] / w[ref] for m in stochastic)
+    worst_det = max(ratio_det[m] for m in stochastic)
+    worst_ref = max(ratio_ref[m] for m in stochastic)
     worst_mem = max(memory[m]["peak_mb"] / memory[ref]["peak_mb"] for m in stochastic)
     print(
         f"worst stochastic method: {worst_det:.2f}x deterministic (target 1.10), "
