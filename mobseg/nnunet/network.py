@@ -146,8 +146,9 @@ class CPUConv3d(nn.Conv3d):
 
     PyTorch's kernel choice was tuned for 2-D: for a 3-D convolution with batch
     size 1 and few channels (N * C * D * H <= 20480, e.g. 8 channels of 32^3)
-    it falls back to ``slow_conv3d``, about 2x slower for forward and backward
-    together. Batch size 1 is the paper's fine-tuning batch and every
+    it falls back to ``slow_conv3d``, and its backward to a slow kernel as well
+    (:class:`_OneDNNConvolution` avoids both). Batch size 1 is the paper's
+    fine-tuning batch and every
     sliding-window tile, so the small CPU plans hit it constantly. Same
     weights, same results (to float rounding), same gradients; other devices
     and dtypes use the stock path.
@@ -162,7 +163,7 @@ class CPUConv3d(nn.Conv3d):
             and torch.backends.mkldnn.is_available()
             and torch.backends.mkldnn.enabled
         ):
-            return torch.ops.aten.mkldnn_convolution(
+            return _OneDNNConvolution.apply(
                 x,
                 self.weight,
                 self.bias,
@@ -172,6 +173,53 @@ class CPUConv3d(nn.Conv3d):
                 self.groups,
             )
         return super().forward(x)
+
+
+class _OneDNNConvolution(torch.autograd.Function):
+    """oneDNN's convolution, forward and backward, also for a batch of one.
+
+    ``aten::mkldnn_convolution`` differentiates through ``convolution_backward``,
+    which chooses its kernel again and, for a batch of one and few channels, takes
+    the slow one. The backward here adds a zero second sample when the batch has
+    one: oneDNN's kernel then runs, the zero sample adds nothing to the weight and
+    bias gradients, and its input gradient is dropped. Exact up to float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, padding, stride, dilation, groups):  # noqa: D102
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (padding, stride, dilation, groups, bias is not None)
+        return torch.ops.aten.mkldnn_convolution(x, weight, bias, padding, stride, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: D102
+        x, weight = ctx.saved_tensors
+        padding, stride, dilation, groups, has_bias = ctx.conf
+        single = x.shape[0] == 1
+        if single:
+            x = torch.cat([x, torch.zeros_like(x)])
+            grad = torch.cat([grad, torch.zeros_like(grad)])
+        need = [
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            has_bias and ctx.needs_input_grad[2],
+        ]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad.contiguous(),
+            x,
+            weight,
+            [weight.shape[0]] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
+            need,
+        )
+        if single and gx is not None:
+            gx = gx[:1]
+        return gx, gw, gb, None, None, None, None
 
 
 def fast_cpu_convolutions(module: nn.Module) -> nn.Module:

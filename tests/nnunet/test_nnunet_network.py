@@ -153,15 +153,19 @@ def test_full_checkpoint_round_trip_and_wrong_method(tmp_path: Path) -> None:
         load_full(_net("diagonal"), path)
 
 
-def test_cpu_convolutions_match_torch_and_keep_their_gradients() -> None:
+@pytest.mark.parametrize("batch", [1, 2])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cpu_convolutions_match_torch_and_keep_their_gradients(batch: int, bias: bool) -> None:
     from mobseg.nnunet.network import CPUConv3d, fast_cpu_convolutions
 
     torch.manual_seed(0)
-    stock = torch.nn.Sequential(torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.Conv3d(8, 4, 3, 2, 1))
+    stock = torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1, bias=bias), torch.nn.Conv3d(8, 4, 3, 2, 1, bias=bias)
+    )
     fast = fast_cpu_convolutions(copy.deepcopy(stock))
     assert all(type(m) is CPUConv3d for m in fast)
     assert fast.state_dict().keys() == stock.state_dict().keys()
-    x = torch.randn(1, 1, 12, 10, 9, requires_grad=True)
+    x = torch.randn(batch, 1, 12, 10, 9, requires_grad=True)
     xs = x.detach().clone().requires_grad_()
     y, ys = fast(x), stock(xs)
     torch.testing.assert_close(y, ys, atol=1e-5, rtol=1e-5)
