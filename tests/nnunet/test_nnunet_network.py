@@ -232,3 +232,27 @@ def test_channel_dropout_is_torchs_dropout3d() -> None:
     assert torch.equal(ChannelDropout(0.3)(conv.eval(), (), y), y)
     with pytest.raises(ConfigurationError, match="dropout rate"):
         ChannelDropout(1.0)
+
+
+def test_cpu_convolution_backward_of_a_batch_of_one_takes_the_batched_kernel() -> None:
+    # ATen picks its slow kernel for the backward of a batch of one with few channels
+    # (N * C * D * H <= 20480); CPUConv3d hands it a batch of two (a zero sample).
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from mobseg.nnunet.network import fast_cpu_convolutions
+
+    class Batches(TorchDispatchMode):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution_backward.default:
+                self.seen.append(int(args[1].shape[0]))  # the input's batch
+            return func(*args, **(kwargs or {}))
+
+    conv = fast_cpu_convolutions(torch.nn.Sequential(torch.nn.Conv3d(8, 8, 3, padding=1)))
+    y = conv(torch.randn(1, 8, 12, 12, 12, requires_grad=True))
+    with Batches() as mode:
+        y.sum().backward()
+    assert mode.seen == [2]
