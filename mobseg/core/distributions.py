@@ -749,18 +749,26 @@ class SingleBasisLogits(_BasisLogits):
         self.bases = basis.to(self.dtype)[None]
 
 
+def mixing_weights(weights: Tensor, mixing: str) -> Tensor:
+    """The weights mob mixes its bases with, (B, P^d, M).
+
+    ``soft``: the weights themselves. ``hard``: one-hot at the argmax in the
+    forward value, with the gradients of the soft weights (straight-through).
+    """
+    if mixing == "soft":
+        return weights
+    if mixing != "hard":
+        raise ValueError(f"mixing must be soft or hard, got {mixing!r}.")
+    onehot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
+    return onehot + (weights - weights.detach())
+
+
 def mix_bases(weights: Tensor, bases: Tensor, mixing: str) -> Tensor:
     """The basis of every block of mob: (B, P^d, M) weights, (M, C, R) bases -> (B, P^d, C, R).
 
-    ``soft``: B_p = sum_m W_pm B_m. ``hard``: B_p = B_argmax_m W_pm in the forward
-    value, with the gradients of the soft mixture (straight-through).
+    B_p = sum_m W_pm B_m with the weights of :func:`mixing_weights`.
     """
-    if mixing == "hard":
-        onehot = F.one_hot(weights.argmax(-1), weights.shape[-1]).to(weights.dtype)
-        weights = onehot + (weights - weights.detach())
-    elif mixing != "soft":
-        raise ValueError(f"mixing must be soft or hard, got {mixing!r}.")
-    return torch.einsum("bpm,mcr->bpcr", weights, bases)
+    return torch.einsum("bpm,mcr->bpcr", mixing_weights(weights, mixing), bases)
 
 
 class MixtureOfBasesLogits(_BasisLogits):

@@ -42,6 +42,7 @@ from mobseg.core.distributions import (
     LowRankLogits,
     MixtureOfBasesLogits,
     SingleBasisLogits,
+    mixing_weights,
 )
 from mobseg.core.inference import marginal_parameters
 from mobseg.core.partitions import block_matvec, block_mean, get_partition
@@ -330,8 +331,11 @@ class MixtureOfBasesHead(StochasticHead):
         part = get_partition(tuple(h.shape[2:]), self.cfg.partitions)
         dtype = torch.promote_types(self.bases.dtype, torch.float32)
         pooled = block_mean(h, part).transpose(1, 2).to(dtype)  # (B, P^d, F)
-        logits = self.mix_mlp(self.mix_in(pooled))
-        return torch.softmax(logits / self.cfg.temperature, dim=-1)
+        return self._weights_of(self.mix_in(pooled))
+
+    def _weights_of(self, mixed_in: Tensor) -> Tensor:
+        """(B, P^d, M) output of ``mix_in`` -> the weights: MLP, then softmax at temperature tau."""
+        return torch.softmax(self.mix_mlp(mixed_in) / self.cfg.temperature, dim=-1)
 
     def _distribution(self, h: Tensor, mu: Tensor) -> LogitDistribution:
         return MixtureOfBasesLogits(
@@ -363,9 +367,7 @@ class MixtureOfBasesHead(StochasticHead):
             torch.cat([self.variance.bias, self.coeffs.bias, torch.zeros_like(self.mix_in.bias)]),
         )
         pooled = block_mean(out[:, 2 + r :], part).transpose(1, 2) + self.mix_in.bias
-        w = torch.softmax(self.mix_mlp(pooled) / self.cfg.temperature, dim=-1)  # (B, P^d, M)
-        if self._mixing == "hard":
-            w = F.one_hot(w.argmax(-1), m).to(w.dtype)
+        w = mixing_weights(self._weights_of(pooled), self._mixing)  # (B, P^d, M)
         delta = (self.bases[:, 1] - self.bases[:, 0]).to(out.dtype)  # (M, R)
         a2 = out[:, 2 : 2 + r].square()
         rows, cols = torch.triu_indices(m, m, device=h.device)

@@ -89,27 +89,12 @@ class StochasticUNet(nn.Module):
             resolution first, or the (B, C, *spatial) logits); with
             ``stochastic=True`` the tuple ``(output, dist)``.
         """
-        self._features = None
-        out = self.backbone(x)
         if not stochastic:
+            out = self.backbone(x)
             self._features = None
             return out
-        feats = self._features
-        self._features = None
-        if feats is None:
-            raise RuntimeError("the last decoder stage did not run; cannot read its features")
-        mu = out[0] if isinstance(out, (list, tuple)) else out
-        if feats.shape[2:] != mu.shape[2:]:
-            raise ValueError(
-                f"decoder features {tuple(feats.shape)} are not at the resolution of the "
-                f"logits {tuple(mu.shape)}"
-            )
-        ctx = (
-            torch.autocast(device_type="cuda", enabled=False)
-            if x.is_cuda
-            else contextlib.nullcontext()
-        )
-        with ctx:
+        out, feats, mu = self._backbone_with_features(x)
+        with _no_cuda_autocast(x):
             dist = self.head(feats.float(), mu.float())
         return out, dist
 
@@ -126,19 +111,31 @@ class StochasticUNet(nn.Module):
         Returns:
             (B, P, *spatial) float32, see :func:`mobseg.core.inference.marginal_parameters`.
         """
+        _, feats, mu = self._backbone_with_features(x)
+        with _no_cuda_autocast(x):
+            return self.head.marginal_parameters(feats.float(), mu.float())
+
+    def _backbone_with_features(self, x: torch.Tensor) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """(backbone output, last decoder features, full-resolution logits mu) of ``x``."""
         self._features = None
         out = self.backbone(x)
         feats, self._features = self._features, None
         if feats is None:
             raise RuntimeError("the last decoder stage did not run; cannot read its features")
         mu = out[0] if isinstance(out, (list, tuple)) else out
-        ctx = (
-            torch.autocast(device_type="cuda", enabled=False)
-            if x.is_cuda
-            else contextlib.nullcontext()
-        )
-        with ctx:
-            return self.head.marginal_parameters(feats.float(), mu.float())
+        if feats.shape[2:] != mu.shape[2:]:
+            raise ValueError(
+                f"decoder features {tuple(feats.shape)} are not at the resolution of the "
+                f"logits {tuple(mu.shape)}"
+            )
+        return out, feats, mu
+
+
+def _no_cuda_autocast(x: torch.Tensor) -> Any:
+    """Autocast off for the head on CUDA (the heads compute in float32); nothing elsewhere."""
+    if x.is_cuda:
+        return torch.autocast(device_type="cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 class CPUConv3d(nn.Conv3d):
